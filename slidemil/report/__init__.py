@@ -1,0 +1,1 @@
+"""Reporting: bootstrap confidence intervals, calibration and patient-level aggregation."""

@@ -1,0 +1,1 @@
+"""Slides: reading, tissue detection, tiling grids, h5 stores and synthetic cohorts."""

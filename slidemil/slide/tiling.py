@@ -1,0 +1,108 @@
+"""`slidemil tile`: tissue detection and a tile grid per slide, written as coords h5 files.
+
+``plan_tiles`` is the one place a slide becomes a grid: the engine and feature extraction call it
+too, so that tiling never differs between training and scoring.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from slidemil.atomic import atomic_path
+from slidemil.batch import BatchLog, run_batch
+from slidemil.config import save_config
+from slidemil.errors import NoTissueError
+from slidemil.slide.grid import TileGrid, TileSpec, make_grid
+from slidemil.slide.reader import SlideReader, open_slide
+from slidemil.slide.store import CoordsAttrs, is_complete, write_h5
+from slidemil.slide.table import SlideEntry, load_slides
+from slidemil.slide.tissue import TissueConfig, TissueMask, detect_tissue
+
+log = logging.getLogger(__name__)
+
+TILING_COLUMNS = ["slide_id", "status", "error", "n_tiles", "slide_mpp", "tissue_fraction", "seconds"]
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Everything that decides a slide's tiles."""
+
+    tile: TileSpec = TileSpec()
+    tissue: TissueConfig = TissueConfig()
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """A slide's tissue, the thumbnail it was found on, and its tile grid."""
+
+    tissue: TissueMask
+    thumbnail: np.ndarray  # uint8 (h, w, 3) at tissue.mpp
+    grid: TileGrid
+    attrs: CoordsAttrs
+
+
+def plan_tiles(reader: SlideReader, cfg: TilingConfig) -> TilePlan:
+    """Tissue mask and tile grid of an open slide; a slide without tissue gets an empty grid."""
+    try:
+        tissue, thumb = detect_tissue(reader, cfg.tissue)
+    except NoTissueError as exc:
+        log.warning("%s", exc)
+        thumb, mpp = reader.thumbnail(mpp=cfg.tissue.thumb_mpp)
+        tissue = TissueMask(mask=np.zeros(thumb.shape[:2], bool), mpp=mpp, source="none")
+    grid = make_grid(reader.dimensions, reader.mpp, cfg.tile, tissue)
+    attrs = CoordsAttrs.for_grid(grid, cfg.tile, reader.slide_id, reader.magnification)
+    return TilePlan(tissue=tissue, thumbnail=thumb, grid=grid, attrs=attrs)
+
+
+def draw_tiling(plan: TilePlan) -> np.ndarray:
+    """RGB preview: thumbnail with the tissue contour (green) and the kept tiles (blue)."""
+    img = plan.thumbnail.copy()
+    scale = plan.grid.slide_mpp / plan.tissue.mpp
+    size = plan.grid.patch_size_level0 * scale
+    for x, y in plan.grid.coords:
+        p0 = (int(round(x * scale)), int(round(y * scale)))
+        p1 = (int(round(x * scale + size)) - 1, int(round(y * scale + size)) - 1)
+        cv2.rectangle(img, p0, p1, (40, 90, 220), 1)
+    contours, _ = cv2.findContours(plan.tissue.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(img, contours, -1, (0, 170, 0), 2)
+    return img
+
+
+def write_png(path: str | Path, rgb: np.ndarray) -> None:
+    """Write an RGB uint8 image as PNG, atomically."""
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"PNG encoding failed for {path}")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.tobytes())
+
+
+def coords_path(out_dir: str | Path, slide_id: str) -> Path:
+    return Path(out_dir) / "coords" / f"{slide_id}.h5"
+
+
+def tile_slide(entry: SlideEntry, out_dir: Path, cfg: TilingConfig) -> dict[str, Any]:
+    """Tile one slide: ``coords/<id>.h5`` and ``masks/<id>.png``; returns its row for tiling.csv."""
+    with open_slide(entry.path, mpp=entry.mpp) as reader:
+        plan = plan_tiles(reader, cfg)
+    write_png(out_dir / "masks" / f"{entry.slide_id}.png", draw_tiling(plan))
+    write_h5(coords_path(out_dir, entry.slide_id), plan.grid.coords, plan.attrs)
+    return {"n_tiles": len(plan.grid), "slide_mpp": plan.grid.slide_mpp, "tissue_fraction": round(plan.tissue.fraction, 4)}
+
+
+def tile_slides(slides: str | Path, out_dir: str | Path, cfg: TilingConfig = TilingConfig(),
+                slide_mpp: float | None = None, workers: int = 1) -> BatchLog:
+    """Tile every slide of a folder, glob or CSV into ``out_dir``; resumes, records failures."""
+    out = Path(out_dir)
+    entries = load_slides(slides, slide_mpp)
+    save_config(cfg, out / "tiling_config.json", slides=str(slides), slide_mpp=slide_mpp)
+    return run_batch(entries, functools.partial(tile_slide, out_dir=out, cfg=cfg),
+                     is_done=lambda e: is_complete(coords_path(out, e.slide_id)),
+                     log_path=out / "tiling.csv", columns=TILING_COLUMNS, desc="tile", workers=workers)

@@ -1,0 +1,1 @@
+"""Training: data, loop, metrics, losses, splits and checkpoints for attention-MIL heads."""
