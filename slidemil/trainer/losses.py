@@ -43,8 +43,9 @@ def inverse_frequency_weights(labels: np.ndarray, n_classes: int) -> torch.Tenso
     counts = _class_counts(labels, n_classes)
     empty = np.flatnonzero(counts == 0).tolist()
     if empty:
-        raise LabelTableError(f"class(es) {empty} have no training sample; cannot weight them "
-                              f"(class counts: {counts.tolist()})")
+        raise LabelTableError(
+            f"class(es) {empty} have no training sample; cannot weight them (class counts: {counts.tolist()})"
+        )
     weights = counts.sum() / (n_classes * counts.astype(np.float64))
     return torch.tensor(weights, dtype=torch.float32)
 
@@ -87,17 +88,25 @@ class FocalLoss(nn.Module):
         self.gamma = float(gamma)
         self.label_smoothing = float(label_smoothing)
         self.reduction = reduction
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.register_buffer(
+            "weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+        )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of logits (B, C) against integer targets (B,)."""
-        assert logits.ndim == 2 and target.ndim == 1 and len(logits) == len(target), (logits.shape, target.shape)
+        assert logits.ndim == 2 and target.ndim == 1 and len(logits) == len(target), (
+            logits.shape,
+            target.shape,
+        )
         n_classes = logits.shape[1]
         log_p = F.log_softmax(logits, dim=1)
         q = F.one_hot(target, n_classes).to(log_p.dtype) * (1.0 - self.label_smoothing)
         q = q + self.label_smoothing / n_classes
-        w = torch.ones(n_classes, dtype=log_p.dtype, device=log_p.device) if self.weight is None \
+        w = (
+            torch.ones(n_classes, dtype=log_p.dtype, device=log_p.device)
+            if self.weight is None
             else self.weight.to(device=log_p.device, dtype=log_p.dtype)
+        )
         terms = -q * w * log_p
         if self.gamma > 0:
             terms = terms * (1.0 - log_p.exp()).clamp(min=0.0) ** self.gamma
@@ -113,7 +122,9 @@ class FocalLoss(nn.Module):
 
 
 @register_loss("ce")
-def _cross_entropy(class_weights: torch.Tensor | None, focal_gamma: float, label_smoothing: float) -> nn.Module:
+def _cross_entropy(
+    class_weights: torch.Tensor | None, focal_gamma: float, label_smoothing: float
+) -> nn.Module:
     return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
 
 

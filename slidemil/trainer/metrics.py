@@ -107,7 +107,12 @@ def weighted_scalar_metrics(
     }
     out["auc"], out["average_precision"] = _ranking_scores(y, p, w)
     out["ece"], out["brier"] = _calibration_scores(y, p, w, total)
-    for key, prefix in (("recall", "acc_"), ("precision", "precision_"), ("recall", "recall_"), ("f1", "f1_")):
+    for key, prefix in (
+        ("recall", "acc_"),
+        ("precision", "precision_"),
+        ("recall", "recall_"),
+        ("f1", "f1_"),
+    ):
         for c, name in enumerate(class_names):
             out[f"{prefix}{name}"] = per_class[key][:, c]
     return out
@@ -135,8 +140,11 @@ def compute_metrics(
     ones = np.ones((1, len(y)))
     absent = [name for c, name in enumerate(class_names) if not np.any(y == c)]
     if absent:
-        logger.warning("class(es) %s absent from the labels of %d samples: auc and average_precision are NaN",
-                       absent, len(y))
+        logger.warning(
+            "class(es) %s absent from the labels of %d samples: auc and average_precision are NaN",
+            absent,
+            len(y),
+        )
     out: dict[str, Any] = {"n": int(len(y))}
     if loss is not None:
         out["loss"] = float(loss)
@@ -165,8 +173,10 @@ def monitor_mode(metric_name: str) -> str:
         return MONITOR_MODES[metric_name]
     if metric_name.startswith(_PER_CLASS_PREFIXES):
         return "max"
-    raise ConfigError(f"cannot monitor {metric_name!r}; choose one of {sorted(MONITOR_MODES)} "
-                      f"or a per-class metric ({', '.join(p + '<class>' for p in _PER_CLASS_PREFIXES)})")
+    raise ConfigError(
+        f"cannot monitor {metric_name!r}; choose one of {sorted(MONITOR_MODES)} "
+        f"or a per-class metric ({', '.join(p + '<class>' for p in _PER_CLASS_PREFIXES)})"
+    )
 
 
 def is_better(metric_name: str, new: float | None, best: float | None) -> bool:
@@ -191,7 +201,9 @@ def _safe_divide(num: np.ndarray, den: np.ndarray, fill: float) -> np.ndarray:
     return np.divide(num, den, out=np.full(np.broadcast(num, den).shape, fill), where=den > 0)
 
 
-def _confusion_scores(y: np.ndarray, pred: np.ndarray, w: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+def _confusion_scores(
+    y: np.ndarray, pred: np.ndarray, w: np.ndarray, n_classes: int
+) -> dict[str, np.ndarray]:
     cm = weighted_confusion(y, pred, w, n_classes)  # (B, C, C)
     tp = np.diagonal(cm, axis1=1, axis2=2)
     n_true = cm.sum(axis=2)

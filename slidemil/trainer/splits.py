@@ -47,8 +47,8 @@ def train_val_test_split(
         Series named "split" of "train" / "val" / "test", indexed like ``table``.
     """
     shares = _check_fractions(fractions, len(SPLIT_NAMES))
-    counts, row_group = _group_counts(table, label_col, group_col)
-    part = _assign_groups(counts, shares, np.random.default_rng(seed))
+    counts, row_group, classes = _group_counts(table, label_col, group_col)
+    part = _assign_groups(counts, shares, np.random.default_rng(seed), classes)
     split = pd.Series(np.asarray(SPLIT_NAMES, dtype=object)[part[row_group]], index=table.index, name="split")
     _log_summary(split, table[label_col])
     return split
@@ -83,15 +83,17 @@ def kfold_splits(
         raise ConfigError(f"k-fold needs an integer k >= 2, got {k!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction must lie in [0, 1), got {val_fraction}")
-    counts, row_group = _group_counts(table, label_col, group_col)
+    counts, row_group, classes = _group_counts(table, label_col, group_col)
     if len(counts) < k:
-        raise LabelTableError(f"{k}-fold cross-validation needs at least {k} patients; the table has {len(counts)}")
-    fold = _assign_groups(counts, np.full(k, 1.0 / k), np.random.default_rng(seed))
+        raise LabelTableError(
+            f"{k}-fold cross-validation needs at least {k} patients; the table has {len(counts)}"
+        )
+    fold = _assign_groups(counts, np.full(k, 1.0 / k), np.random.default_rng(seed), classes)
     shares = np.array([1.0 - val_fraction, val_fraction])
     splits = []
     for i in range(k):
         rest = np.flatnonzero(fold != i)
-        sub = _assign_groups(counts[rest], shares, np.random.default_rng([seed, i]))
+        sub = _assign_groups(counts[rest], shares, np.random.default_rng([seed, i]), classes)
         names = np.full(len(counts), "test", dtype=object)
         names[rest] = np.where(sub == 0, "train", "val")
         split = pd.Series(names[row_group], index=table.index, name="split")
@@ -166,32 +168,40 @@ def _check_split_frame(df: pd.DataFrame, where: str) -> None:
 def _check_fractions(fractions: Sequence[float], n_parts: int) -> np.ndarray:
     shares = np.asarray(fractions, dtype=np.float64)
     if shares.shape != (n_parts,) or np.any(shares < 0) or not np.isclose(shares.sum(), 1.0):
-        raise ConfigError(f"fractions must be {n_parts} non-negative numbers summing to 1, got {list(fractions)}")
+        raise ConfigError(
+            f"fractions must be {n_parts} non-negative numbers summing to 1, got {list(fractions)}"
+        )
     return shares
 
 
-def _group_counts(table: pd.DataFrame, label_col: str, group_col: str) -> tuple[np.ndarray, np.ndarray]:
-    """Slides per (patient, class) as (G, C) counts, and each row's patient index (N,)."""
+def _group_counts(table: pd.DataFrame, label_col: str, group_col: str) -> tuple[np.ndarray, np.ndarray, list]:
+    """Slides per (patient, class) as (G, C) counts, each row's patient index (N,), the C labels."""
     if not table.index.is_unique:
         raise LabelTableError("the slide table's index has duplicates; index it by slide id")
     if label_col not in table.columns:
-        raise LabelTableError(f"the slide table has no label column {label_col!r}; columns: {list(table.columns)}")
+        raise LabelTableError(
+            f"the slide table has no label column {label_col!r}; columns: {list(table.columns)}"
+        )
     labels = table[label_col]
     if labels.isna().any():
-        raise LabelTableError(f"{int(labels.isna().sum())} slide(s) have no label, e.g. {list(table.index[labels.isna()][:5])}")
+        raise LabelTableError(
+            f"{int(labels.isna().sum())} slide(s) have no label, e.g. {list(table.index[labels.isna()][:5])}"
+        )
     own = pd.Series(_OWN_PATIENT + table.index.astype(str), index=table.index)
     if group_col in table.columns:
         patients = table[group_col].astype(object).where(table[group_col].notna(), own).astype(str)
     else:
         patients = own
     row_group, groups = pd.factorize(patients, sort=True)
-    row_label, _ = pd.factorize(labels, sort=True)
+    row_label, classes = pd.factorize(labels, sort=True)
     counts = np.zeros((len(groups), int(row_label.max()) + 1 if len(row_label) else 0), dtype=np.int64)
     np.add.at(counts, (row_group, row_label), 1)
-    return counts, row_group
+    return counts, row_group, list(classes)
 
 
-def _assign_groups(counts: np.ndarray, shares: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _assign_groups(
+    counts: np.ndarray, shares: np.ndarray, rng: np.random.Generator, classes: Sequence[object]
+) -> np.ndarray:
     """Assign each group (row of ``counts``, (G, C)) to a part; return the part index per group (G,)."""
     targets = np.outer(shares, counts.sum(axis=0))  # (P, C) slides wanted per part and class
     current = np.zeros_like(targets)
@@ -208,18 +218,24 @@ def _assign_groups(counts: np.ndarray, shares: np.ndarray, rng: np.random.Genera
         p = int(np.lexsort((-deficit, cost))[0])
         part[g] = p
         current[p] += x
-    _repair_missing_classes(part, counts, active)
+    _repair_missing_classes(part, counts, active, classes)
     return part
 
 
-def _repair_missing_classes(part: np.ndarray, counts: np.ndarray, active: np.ndarray) -> None:
+def _repair_missing_classes(
+    part: np.ndarray, counts: np.ndarray, active: np.ndarray, classes: Sequence[object]
+) -> None:
     """Move patients so each active part holds each class, where the cohort allows it (in place)."""
     n_active = int(active.sum())
     for c in range(counts.shape[1]):
         holders = counts[:, c] > 0
         if holders.sum() < n_active:
-            logger.warning("class %d has only %d patient(s) for %d parts: some part will lack it",
-                           c, int(holders.sum()), n_active)
+            logger.warning(
+                "label %r has only %d patient(s) for %d parts: some part will lack it",
+                classes[c],
+                int(holders.sum()),
+                n_active,
+            )
         for p in np.flatnonzero(active):
             if np.any(holders & (part == p)):
                 continue

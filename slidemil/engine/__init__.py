@@ -1,0 +1,1 @@
+"""Scoring engine: slides in, predictions, attention heatmaps, GeoJSON and top-k tiles out."""

@@ -1,0 +1,219 @@
+"""Inference runners: one interface over torch, ONNX Runtime, OpenVINO and TensorRT.
+
+Every runner is a context manager with ``infer(feed) -> outputs`` (name -> numpy array), like
+Polygraphy's runners. Runners register by backend name; ``auto`` picks the fastest one present for
+the device and logs its choice. Heavy backends are imported when a runner is built, never at
+import time of this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slidemil.errors import BackendUnavailableError, ConfigError
+
+log = logging.getLogger(__name__)
+
+RUNNERS: dict[str, type[Runner]] = {}
+# Preference of ``auto``, fastest first, per device kind.
+AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("openvino", "onnxruntime", "torch")}
+
+
+def register_runner(name: str) -> Callable[[type[Runner]], type[Runner]]:
+    """Class decorator adding a runner to the registry."""
+    def decorator(cls: type[Runner]) -> type[Runner]:
+        cls.backend = name
+        RUNNERS[name] = cls
+        return cls
+    return decorator
+
+
+class Runner(ABC):
+    """A loaded model that maps named numpy inputs to named numpy outputs."""
+
+    backend = "abstract"
+    output_names: tuple[str, ...] = ()
+
+    @classmethod
+    def available(cls, device: str) -> bool:
+        """Whether the backend is installed and can run on ``device`` ("cpu" or "cuda")."""
+        return True
+
+    @abstractmethod
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on ``feed``; arrays come back on the host, float32 unless integer."""
+
+    def close(self) -> None:
+        """Release the model and its device memory."""
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        return self.backend
+
+
+def cpu_threads() -> int:
+    """Cores this process may use (respects affinity masks and SLURM's CPU allocation)."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm and slurm.isdigit():
+        return int(slurm)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@register_runner("torch")
+class TorchRunner(Runner):
+    """A torch module. Inputs are moved to the device as they are (uint8 stays uint8).
+
+    Args:
+        module: maps the inputs, in ``input_names`` order, to a tensor or a tuple of tensors.
+        input_names, output_names: names of the positional inputs and outputs.
+        device: "cpu", "cuda" or "cuda:N".
+        precision: "fp32", "fp16" or "bf16" (autocast), or "auto" (fp16 on GPU, fp32 on CPU).
+        channels_last: use channels-last memory format (faster convolutions on CPU and GPU).
+    """
+
+    def __init__(self, module: Any, input_names: Sequence[str], output_names: Sequence[str],
+                 device: str = "cpu", precision: str = "fp32", channels_last: bool = True) -> None:
+        import torch
+        self._torch = torch
+        self.device = torch.device(resolve_device(device))
+        self.input_names, self.output_names = tuple(input_names), tuple(output_names)
+        if precision == "auto":
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
+        self.precision = precision
+        module = module.eval().to(self.device)
+        self.module = module.to(memory_format=torch.channels_last) if channels_last else module
+
+    @classmethod
+    def available(cls, device: str) -> bool:
+        import torch
+        return device == "cpu" or torch.cuda.is_available()
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        args = [torch.as_tensor(feed[n]).to(self.device, non_blocking=True) for n in self.input_names]
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            out = self.module(*args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: _to_numpy(t) for n, t in zip(self.output_names, outs)}
+
+    def describe(self) -> str:
+        return f"torch ({self.device}, {self.precision})"
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    arr = t.detach()
+    if arr.is_floating_point():
+        arr = arr.float()
+    return arr.cpu().numpy()
+
+
+@register_runner("onnxruntime")
+class OnnxRuntimeRunner(Runner):
+    """An ONNX graph in ONNX Runtime: CPU provider with the given threads, or CUDA with IO binding."""
+
+    def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime "
+                                          "(or onnxruntime-gpu for CUDA)") from exc
+        self.device = resolve_device(device)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or cpu_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailableError("ONNX Runtime has no CUDA provider: install onnxruntime-gpu "
+                                              "(pip install 'slidemil[gpu]') in place of onnxruntime")
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": _device_index(self.device)})]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+        self._ort = ort
+
+    @classmethod
+    def available(cls, device: str) -> bool:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return False
+        return device == "cpu" or "CUDAExecutionProvider" in ort.get_available_providers()
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.device.startswith("cuda"):
+            return dict(zip(self.output_names, self.session.run(None, feed)))
+        binding = self.session.io_binding()
+        for name, arr in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", _device_index(self.device))
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+    def describe(self) -> str:
+        return f"onnxruntime ({self.session.get_providers()[0]})"
+
+
+def _device_index(device: str) -> int:
+    return int(device.split(":")[1]) if ":" in device else 0
+
+
+def available_backends(device: str) -> list[str]:
+    """Backends that can run on ``device`` here, fastest first."""
+    _load_optional_runners()
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    return [name for name in AUTO_ORDER[kind] if name in RUNNERS and RUNNERS[name].available(kind)]
+
+
+def choose_backend(backend: str, device: str, usable: Callable[[str], bool] = lambda name: True) -> str:
+    """``backend`` itself, or with ``auto`` the fastest available one that ``usable`` accepts."""
+    _load_optional_runners()
+    if backend != "auto":
+        if backend not in RUNNERS:
+            raise ConfigError(f"unknown backend {backend!r}; known: {sorted(RUNNERS)} or auto")
+        return backend
+    for name in available_backends(device):
+        if usable(name):
+            log.info("backend auto: using %s on %s", name, device)
+            return name
+    raise BackendUnavailableError(f"no inference backend available for {device}")
+
+
+def _load_optional_runners() -> None:
+    import importlib
+    for module in ("slidemil.engine.openvino_runner", "slidemil.engine.tensorrt_runner"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise

@@ -1,0 +1,1 @@
+"""Exporter: checkpoint -> model package (ONNX graphs, optional TensorRT engines, manifest)."""

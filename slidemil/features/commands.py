@@ -1,0 +1,50 @@
+"""CLI shim of `slidemil extract`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slidemil.cli import (
+    add_config_option,
+    add_reading_options,
+    add_tiling_options,
+    command,
+    report_batch,
+    tiling_overrides,
+)
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("slides", help="folder, glob, or CSV with slide_id,path[,mpp]")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--coords", type=Path, help="output folder of `slidemil tile` (omit with --tile)")
+    p.add_argument("--tile", action="store_true", help="tile on the fly with the tiling options")
+    p.add_argument("--backbone", help="backbone name (resnet50_trunc, uni, any timm name, hf-hub:...)")
+    p.add_argument("--weights", help="random | pretrained | path to a weights file")
+    p.add_argument("--checkpoint", help="end-to-end checkpoint whose fine-tuned backbone to use")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--limit-tiles", type=int, help="at most this many tiles per slide (quick looks)")
+    add_reading_options(p)
+    add_tiling_options(p)
+    add_config_option(p)
+
+
+@command("extract", "extract tile features of each slide into CLAM/TRIDENT-style h5 files", _options)
+def run(args: argparse.Namespace) -> int:
+    from slidemil.config import load_config
+    from slidemil.errors import ConfigError
+    from slidemil.features.extract import ExtractConfig, extract_features
+    if (args.coords is None) == (not args.tile):
+        raise ConfigError("give --coords DIR (from `slidemil tile`) or --tile, not both")
+    overrides = {"backbone": args.backbone, "weights": args.weights, "checkpoint": args.checkpoint,
+                 "backend": args.backend, "device": args.device, "precision": args.precision,
+                 "reading.batch_size": args.batch_size, "reading.workers": args.workers,
+                 "reading.tile_source": args.tile_source, "reading.max_tiles": args.limit_tiles,
+                 **{f"tiling.{k}": v for k, v in tiling_overrides(args).items()}}
+    cfg = load_config(ExtractConfig, args.config, overrides)
+    batch = extract_features(args.slides, args.out, cfg, coords_dir=args.coords, slide_mpp=args.slide_mpp,
+                             shard=args.shard)
+    return report_batch(batch)

@@ -1,0 +1,189 @@
+"""Feature extraction: the engine's tile pipeline + a backbone runner + an h5 features writer.
+
+The features folder records the backbone it used (``backbone/backbone_card.json``, and its weights
+``backbone/backbone.safetensors`` when they cannot be fetched again by name), so that a head
+trained on these features can only be exported with that same backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from slidemil.atomic import write_text
+from slidemil.batch import BatchLog
+from slidemil.config import from_dict, save_config
+from slidemil.engine.pipeline import PipelineConfig, SlideStream, TilePipeline
+from slidemil.engine.runners import Runner, TorchRunner, choose_backend, resolve_device
+from slidemil.errors import ConfigError, SlidemilError
+from slidemil.models.backbones import BackboneCard, create_backbone, save_backbone
+from slidemil.models.preprocess import UInt8Backbone
+from slidemil.slide.grid import grid_from_coords
+from slidemil.slide.store import is_complete, read_h5, write_h5
+from slidemil.slide.table import SlideEntry, load_slides, select_shard
+from slidemil.slide.tiling import TilePlan, TilingConfig, coords_path
+
+log = logging.getLogger(__name__)
+
+EXTRACT_COLUMNS = ["slide_id", "status", "error", "n_tiles", "seconds", "tiles_per_s"]
+BACKBONE_DIR = "backbone"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of ``slidemil extract``."""
+
+    backbone: str = "resnet50_trunc"
+    weights: str | None = None
+    checkpoint: str | None = None
+    backend: str = "torch"
+    device: str = "auto"
+    precision: str = "fp32"
+    reading: PipelineConfig = PipelineConfig()
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+
+
+def features_path(out_dir: str | Path, slide_id: str) -> Path:
+    return Path(out_dir) / "features" / f"{slide_id}.h5"
+
+
+def prepare_backbone(cfg: ExtractConfig, out_dir: Path) -> tuple[UInt8Backbone, BackboneCard]:
+    """Build (or load from a checkpoint) the backbone and record it in ``out_dir/backbone``."""
+    if cfg.checkpoint:
+        from slidemil.trainer.checkpoint import load_checkpoint_backbone
+        model, card = load_checkpoint_backbone(cfg.checkpoint)
+    else:
+        model, card = create_backbone(cfg.backbone, cfg.weights)
+    folder = out_dir / BACKBONE_DIR
+    existing = folder / "backbone_card.json"
+    if existing.is_file():
+        old = json.loads(existing.read_text())
+        if old.get("weights_sha256") != card.weights_sha256:
+            raise ConfigError(f"{out_dir} already holds features of backbone {old.get('name')} "
+                              f"(sha256 {str(old.get('weights_sha256'))[:12]}...); use a new --out folder "
+                              "or the same backbone and weights")
+    refetchable = card.weights_source.startswith(("timm-pretrained", "hf-hub:"))
+    if refetchable:
+        from slidemil.atomic import write_json
+        write_json(existing, card.to_dict())
+    else:
+        card = save_backbone(model, card, folder)
+    return UInt8Backbone(model, card).eval(), card
+
+
+def build_backbone_runner(module: nn.Module, card: BackboneCard, backend: str, device: str, precision: str,
+                          work_dir: Path) -> Runner:
+    """A runner for the uint8 backbone on any backend (ONNX backends export the graph first)."""
+    device = resolve_device(device)
+    backend = choose_backend(backend, device)
+    if backend == "torch":
+        return TorchRunner(module, ["tiles"], ["features"], device=device, precision=precision)
+    from slidemil.exporter.onnx import export_backbone
+    onnx_path = work_dir / "backbone.onnx"
+    if not onnx_path.is_file():
+        export_backbone(module, onnx_path, card.input_size)
+    if backend == "onnxruntime":
+        from slidemil.engine.runners import OnnxRuntimeRunner
+        return OnnxRuntimeRunner(onnx_path, device=device)
+    if backend == "openvino":
+        from slidemil.engine.openvino_runner import OpenVinoRunner
+        return OpenVinoRunner(onnx_path, precision="auto" if precision == "fp32" else precision)
+    raise ConfigError(f"backend {backend!r} cannot extract features; use torch, onnxruntime or openvino")
+
+
+def plan_from_coords(coords_dir: Path) -> Any:
+    """A planner that reads a slide's grid from ``coords_dir/coords/<id>.h5`` (``slidemil tile``'s output)."""
+    def plan(entry: SlideEntry) -> TilePlan:
+        path = coords_path(coords_dir, entry.slide_id)
+        if not path.is_file():
+            path = Path(coords_dir) / f"{entry.slide_id}.h5"
+        bag = read_h5(path, load_features=False)
+        a = bag.attrs
+        grid = grid_from_coords(bag.coords, a.patch_size_level0, a.stride_level0, (a.level0_width, a.level0_height),
+                                a.slide_mpp)
+        return TilePlan(tissue=None, thumbnail=None, grid=grid, attrs=a)  # type: ignore[arg-type]
+    return plan
+
+
+def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig,
+                     coords_dir: str | Path | None = None, slide_mpp: float | None = None,
+                     shard: str | None = None) -> BatchLog:
+    """Extract features of every slide (coords from ``coords_dir``, or tiled on the fly)."""
+    out = Path(out_dir)
+    entries = select_shard(load_slides(slides, slide_mpp), shard)
+    if coords_dir is not None:
+        entries = [e for e in entries if _has_coords(Path(coords_dir), e.slide_id)] or entries
+    module, card = prepare_backbone(cfg, out)
+    save_config(cfg, out / "extract_config.json", slides=str(slides), coords=str(coords_dir), backbone_card=card.to_dict())
+    record_tiling(out, cfg.tiling, coords_dir)
+    batch = BatchLog(out / "extraction.csv", EXTRACT_COLUMNS)
+    todo = [e for e in entries if not (is_complete(features_path(out, e.slide_id), need_features=True)
+                                       and (batch.get(e.slide_id) or {}).get("status") == "ok")]
+    if not todo:
+        log.info("all %d slides already have features in %s", len(entries), out)
+        return batch
+    planner = plan_from_coords(Path(coords_dir)) if coords_dir is not None else None
+    with build_backbone_runner(module, card, cfg.backend, cfg.device, cfg.precision, out / BACKBONE_DIR) as runner, \
+            TilePipeline(cfg.reading, cfg.tiling, planner) as pipeline:
+        extra = {"precision": cfg.precision, "backend": runner.describe(), "weights_sha256": card.weights_sha256}
+        for stream in pipeline.run(todo):
+            batch.record(_extract_one(stream, runner, card, out, extra))
+    return batch
+
+
+def record_tiling(out: Path, tiling: TilingConfig, coords_dir: str | Path | None) -> None:
+    """Write ``out/tiling_config.json``: the tiling the features came from (the trainer and exporter read it)."""
+    source = Path(coords_dir) / "tiling_config.json" if coords_dir is not None else None
+    if source is not None and source.is_file():
+        write_text(out / "tiling_config.json", source.read_text())
+    elif source is None:
+        save_config(tiling, out / "tiling_config.json")
+    else:
+        log.warning("%s has no tiling_config.json; the tiling of these features is unrecorded", coords_dir)
+
+
+def load_tiling(features_dir: str | Path) -> TilingConfig:
+    """The tiling recorded beside features (defaults, with a warning, when unrecorded)."""
+    path = Path(features_dir) / "tiling_config.json"
+    if not path.is_file():
+        log.warning("%s: no tiling_config.json; assuming default tiling settings", features_dir)
+        return TilingConfig()
+    return from_dict(TilingConfig, json.loads(path.read_text())["config"])
+
+
+def _has_coords(coords_dir: Path, slide_id: str) -> bool:
+    return coords_path(coords_dir, slide_id).is_file() or (coords_dir / f"{slide_id}.h5").is_file()
+
+
+def _extract_one(stream: SlideStream, runner: Runner, card: BackboneCard, out: Path,
+                 extra: dict[str, Any]) -> dict[str, Any]:
+    """Run the backbone over one slide's batches and write its features file."""
+    start = time.perf_counter()
+    row: dict[str, Any] = {"slide_id": stream.entry.slide_id}
+    try:
+        if stream.error is not None:
+            raise stream.error
+        assert stream.plan is not None
+        features = np.zeros((stream.n_tiles, card.feature_dim), dtype=np.float32)
+        for first, tiles in stream.batches():
+            features[first:first + len(tiles)] = runner.infer({"tiles": tiles})["features"]
+        coords = stream.plan.grid.coords[: stream.n_tiles]
+        write_h5(features_path(out, stream.entry.slide_id), coords, stream.plan.attrs, features,
+                 encoder=card.name, feature_attrs=extra)
+        seconds = time.perf_counter() - start
+        row.update(status="ok", error="", n_tiles=stream.n_tiles,
+                   tiles_per_s=round(stream.n_tiles / seconds, 2) if seconds > 0 else 0.0)
+    except (SlidemilError, OSError, ValueError, RuntimeError) as exc:
+        stream.drain()
+        log.warning("%s: %s", stream.entry.slide_id, exc)
+        row.update(status="error", error=str(exc) if isinstance(exc, SlidemilError) else f"{type(exc).__name__}: {exc}")
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return row
+

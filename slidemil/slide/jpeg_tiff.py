@@ -1,0 +1,148 @@
+"""The JPEG tiles of a TIFF-family slide (Aperio SVS, generic tiled TIFF) as decodable byte streams.
+
+OpenSlide's levels are matched to the file's tiled pages by their dimensions (tifffile's SVS series
+also hold the thumbnail, label and macro pages, which OpenSlide does not count as levels). A level
+is served here when its page is tiled, 8-bit, 3-sample, chunky, and JPEG compressed (TIFF
+compression 7); anything else (JPEG 2000, LZW, ...) stays with OpenSlide.
+
+Each tile's stream is the page's shared ``JPEGTables`` without their EOI followed by the tile
+without its SOI. Photometric RGB tiles (Aperio writes RGB JPEG without the YCbCr transform) get an
+Adobe APP14 segment with transform 0 right after SOI, and lose any JFIF APP0 or other APP14, so that
+decoders do not apply a YCbCr conversion: OpenSlide decodes them as RGB because the TIFF says so.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slidemil.errors import SlideReadError
+
+JPEG_COMPRESSION = 7
+PHOTOMETRIC_RGB = 2
+PHOTOMETRIC_YCBCR = 6
+SOI = b"\xff\xd8"
+SOS = 0xDA
+APP0 = 0xE0
+APP14 = 0xEE
+# APP14 "Adobe": version 100, flags0 0, flags1 0, transform 0 (components are RGB, not YCbCr).
+ADOBE_RGB_SEGMENT = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+@dataclass(frozen=True)
+class JpegLevel:
+    """Geometry and tile table of one JPEG-tiled pyramid level."""
+
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    offsets: np.ndarray  # int64 (n_tiles,) file offset of each tile, row-major
+    counts: np.ndarray  # int64 (n_tiles,) byte count of each tile; 0 = tile not stored
+    tables: bytes | None  # JPEGTables shared by the tiles (SOI ... EOI), or None
+    rgb: bool  # photometric RGB: the tiles carry RGB components, not YCbCr
+
+    @property
+    def tiles_across(self) -> int:
+        return -(-self.width // self.tile_w)
+
+    @property
+    def tiles_down(self) -> int:
+        return -(-self.height // self.tile_h)
+
+    def stream(self, raw: bytes) -> bytes:
+        """The decodable JPEG stream of one tile's stored bytes."""
+        data = self.tables[:-2] + raw[2:] if self.tables else raw
+        return rgb_jpeg(data) if self.rgb else data
+
+
+def probe_levels(path: str | Path, level_dimensions: list[tuple[int, int]]) -> list[JpegLevel | None]:
+    """For each level size (width, height), the JPEG-tiled page of that size, or None.
+
+    Raises:
+        tifffile.TiffFileError, OSError: when the file is not a TIFF tifffile can read.
+    """
+    import tifffile
+
+    out: list[JpegLevel | None] = []
+    with tifffile.TiffFile(path) as tif:
+        pages = [p for p in tif.pages if isinstance(p, tifffile.TiffPage) and p.is_tiled]
+        for width, height in level_dimensions:
+            page = next((p for p in pages if (p.imagewidth, p.imagelength) == (width, height)), None)
+            out.append(_jpeg_level(page) if page is not None else None)
+    return out
+
+
+def _jpeg_level(page: object) -> JpegLevel | None:
+    """The page as a JpegLevel when it holds 8-bit RGB/YCbCr JPEG tiles, else None."""
+    p = page  # tifffile.TiffPage
+    if (int(p.compression) != JPEG_COMPRESSION or int(p.photometric) not in (PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR)
+            or p.samplesperpixel != 3 or p.bitspersample != 8 or p.imagedepth != 1 or p.tiledepth != 1
+            or int(p.planarconfig) != 1):
+        return None
+    level = JpegLevel(
+        width=int(p.imagewidth), height=int(p.imagelength), tile_w=int(p.tilewidth), tile_h=int(p.tilelength),
+        offsets=np.asarray(p.dataoffsets, dtype=np.int64), counts=np.asarray(p.databytecounts, dtype=np.int64),
+        tables=bytes(p.jpegtables) if p.jpegtables else None, rgb=int(p.photometric) == PHOTOMETRIC_RGB)
+    if len(level.offsets) != level.tiles_across * level.tiles_down:
+        return None
+    return level
+
+
+def rgb_jpeg(data: bytes) -> bytes:
+    """``data`` with an Adobe APP14 transform-0 segment after SOI and no JFIF/other APP14 segment."""
+    if data[:2] != SOI:
+        return data  # not a JPEG: let the decoder report it
+    keep = [SOI, ADOBE_RGB_SEGMENT]
+    pos = start = 2
+    # Walk the marker segments up to the start of scan; only APP0/APP14 are dropped.
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == SOS:
+            break
+        seg_end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in (APP0, APP14):
+            keep.append(data[start:pos])
+            start = seg_end
+        pos = seg_end
+    keep.append(data[start:])
+    return b"".join(keep)
+
+
+class TileFile:
+    """Positional reads of tile bytes from one open file (no shared file position between calls)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._size = os.fstat(self._fd).st_size
+
+    def read(self, offset: int, count: int) -> bytes:
+        """``count`` bytes at ``offset``.
+
+        Raises:
+            SlideReadError: when the file ends before them (a truncated slide).
+        """
+        assert self._fd is not None, "file is closed"
+        if offset < 0 or offset + count > self._size:
+            raise SlideReadError(
+                f"{self.path.name}: tile data at offset {offset} (+{count} bytes) lies beyond the end of the "
+                f"file ({self._size} bytes); the file is truncated or corrupt")
+        data = os.pread(self._fd, count, offset)
+        if len(data) != count:
+            raise SlideReadError(f"{self.path.name}: short read at offset {offset}; the file is truncated")
+        return data
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+__all__ = ["ADOBE_RGB_SEGMENT", "JpegLevel", "TileFile", "probe_levels", "rgb_jpeg"]
