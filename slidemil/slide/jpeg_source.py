@@ -130,12 +130,13 @@ class JpegTileSource(TileSource):
         for i in range(len(coords)):
             region = out[i] if direct else scratch
             _assemble(level, int(plan.ix[i]), int(plan.iy[i]), side, tiles, region)
+            if direct:
+                continue
             if plan.ext:
                 region = _shift(region, int(plan.wx[i]), int(plan.wy[i]))
             if region.shape[0] != out_px:
                 region = cv2.resize(region, (out_px, out_px), interpolation=cv2.INTER_AREA)
-            if region is not out[i]:
-                out[i] = region
+            out[i] = region
         return out
 
     # -- device ------------------------------------------------------------------------------
@@ -148,6 +149,10 @@ class JpegTileSource(TileSource):
         device = torch.device(device)
         if device.type == "cpu":
             return torch.from_numpy(self.read(coords, size_level0, out_px))
+        return self._read_torch(coords, size_level0, out_px, device)
+
+    def _read_torch(self, coords: np.ndarray, size_level0: int, out_px: int, device: torch.device) -> torch.Tensor:
+        """The device pipeline (assembly, shift and resize as tensor operations) on any device."""
         coords = _check_coords(coords)
         plan = self._plan(coords, size_level0, out_px)
         level = self._levels[plan.level]
@@ -172,12 +177,9 @@ class JpegTileSource(TileSource):
         level = self._reader.best_level_for(size_level0 / out_px)
         ds = self._reader.level_downsamples[level]
         size = max(1, math.ceil(size_level0 / ds - 1e-6))
-        # 16.16 fixed point, as cairo hands the translation to pixman.
-        fx = np.rint(coords[:, 0] / ds * 65536).astype(np.int64)
-        fy = np.rint(coords[:, 1] / ds * 65536).astype(np.int64)
-        shift = 16 - WEIGHT_BITS
-        mask = (1 << WEIGHT_BITS) - 1
-        return _Plan(level, size, fx >> 16, fy >> 16, (fx & 0xFFFF) >> shift & mask, (fy & 0xFFFF) >> shift & mask)
+        ix, wx = _level_axis(coords[:, 0], ds)
+        iy, wy = _level_axis(coords[:, 1], ds)
+        return _Plan(level, size, ix, iy, wx, wy)
 
     def _decoded(self, plan: _Plan, level: JpegLevel, device: torch.device | None) -> dict[int, Any]:
         """Every file tile the plan touches, decoded (HWC uint8; numpy on the CPU, tensors on a device)."""
@@ -204,7 +206,7 @@ class JpegTileSource(TileSource):
 
         streams = [torch.frombuffer(bytearray(level.stream(self._file.read(int(level.offsets[i]), int(level.counts[i])))),
                                     dtype=torch.uint8) for i in indices]
-        on_gpu = device is not None and level_index not in self._cpu_decode_levels
+        on_gpu = device is not None and device.type != "cpu" and level_index not in self._cpu_decode_levels
         try:
             images = decode_jpeg(streams, mode=ImageReadMode.RGB, device=device if on_gpu else "cpu")
         except RuntimeError as exc:
@@ -305,6 +307,21 @@ def _check_coords(coords: np.ndarray) -> np.ndarray:
     return coords
 
 
+def _level_axis(c: np.ndarray, ds: float) -> tuple[np.ndarray, np.ndarray]:
+    """First level pixel and 7-bit weight of the next one for level-0 coordinates ``c`` (B,).
+
+    As OpenSlide: ``c / ds`` in cairo's 16.16 fixed point; a negative ``c`` instead puts the image's
+    first pixel at the whole-pixel offset ``trunc(-c / ds)`` (no sub-pixel shift).
+    """
+    fixed = np.rint(c / ds * 65536).astype(np.int64)
+    first = fixed >> 16
+    weight = (fixed & 0xFFFF) >> (16 - WEIGHT_BITS)
+    negative = c < 0
+    first[negative] = -np.trunc(-c[negative] / ds).astype(np.int64)
+    weight[negative] = 0
+    return first, weight
+
+
 def _tiles_touched(level: JpegLevel, plan: _Plan) -> list[int]:
     """Indices of the file tiles under the plan's regions, in first-use order."""
     side = plan.size + plan.ext
@@ -360,28 +377,35 @@ def _shift(region: Any, wx: Any, wy: Any) -> Any:
 def area_resize(batch: torch.Tensor, out_px: int) -> torch.Tensor:
     """Resize uint8 (B, n, n, 3) to (B, out_px, out_px, 3) as ``cv2.INTER_AREA`` does, on the batch's device.
 
-    Downscaling averages each output pixel's exact footprint (fractional edges weighted), written as
-    two matrix products; ``F.interpolate(mode="area")`` would use whole-pixel windows and differ from
-    OpenCV by several grey levels at non-integer ratios. Upscaling is bilinear, as OpenCV's is.
+    Written as two matrix products with OpenCV's weights: shrinking averages each output pixel's
+    exact footprint (fractional edges weighted), enlarging blends at most two neighbours.
+    ``F.interpolate(mode="area")`` uses whole-pixel windows instead and differs from OpenCV by several
+    grey levels at the non-integer ratios that mpp conversion gives.
     """
-    n = batch.shape[1]
+    weights = _area_weights(batch.shape[1], out_px, batch.device)  # (out_px, n)
     x = batch.permute(0, 3, 1, 2).float()  # (B, 3, n, n)
-    if out_px > n:
-        x = torch.nn.functional.interpolate(x, size=(out_px, out_px), mode="bilinear", align_corners=False)
-    else:
-        weights = _area_weights(n, out_px, batch.device)  # (out_px, n)
-        x = weights @ x @ weights.T
+    x = weights @ x @ weights.T
     return (x + 0.5).floor_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def _area_weights(n: int, m: int, device: torch.device) -> torch.Tensor:
-    """(m, n) float32: share of input pixel j in output pixel i when n pixels shrink to m."""
+    """(m, n) float32 weights of OpenCV's INTER_AREA along one axis, n pixels to m."""
     scale = n / m
-    edges = torch.arange(m + 1, dtype=torch.float64) * scale
-    lo, hi = edges[:-1, None], edges[1:, None]
-    j = torch.arange(n, dtype=torch.float64)[None, :]
-    overlap = (torch.minimum(hi, j + 1) - torch.maximum(lo, j)).clamp_(min=0)
-    return (overlap / scale).to(torch.float32).to(device)
+    if m <= n:  # share of input pixel j in output pixel i
+        edges = torch.arange(m + 1, dtype=torch.float64) * scale
+        j = torch.arange(n, dtype=torch.float64)[None, :]
+        overlap = torch.minimum(edges[1:, None], j + 1) - torch.maximum(edges[:-1, None], j)
+        return (overlap.clamp_(min=0) / scale).to(torch.float32).to(device)
+    weights = torch.zeros((m, n), dtype=torch.float64)
+    for i in range(m):  # OpenCV: the fraction of output pixel i past the input pixel boundary
+        j = math.floor(i * scale)
+        frac = (i + 1) - (j + 1) / scale
+        frac = 0.0 if frac <= 0 else frac - math.floor(frac)
+        if j + 1 < n:
+            weights[i, j], weights[i, j + 1] = 1 - frac, frac
+        else:
+            weights[i, min(j, n - 1)] = 1.0
+    return weights.to(torch.float32).to(device)
 
 
 __all__ = ["JpegTileSource", "area_resize"]

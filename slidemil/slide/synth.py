@@ -30,6 +30,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -88,6 +89,10 @@ class SynthConfig:
     tile_size: int = 256
     jpeg_quality: int = 85
     mask_downsample: int = 16
+
+    def slide_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`write_slide` that come from these settings."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("n_slides", "seed")}
 
     def __post_init__(self) -> None:
         if self.n_slides < 1 or self.n_classes < 1:
@@ -194,6 +199,7 @@ class _Accumulator:
         return cv2.resize(self.images[4], size, interpolation=cv2.INTER_AREA)
 
     def thumbnail(self) -> np.ndarray:
+        """The slide at ``thumb_ds``, about 1024 px wide, uint8."""
         return self.images[self.thumb_ds]
 
 
@@ -227,6 +233,7 @@ def _write_svs(
     mpp: float,
     app_mag: int,
 ) -> None:
+    """Write the IFD chain: level 0 (painted while written), thumbnail, reduced levels."""
     width, height = painter.layout.width, painter.layout.height
     desc0, desc_thumb, desc_level = _descriptions(width, height, tile_size, quality, mpp, app_mag)
     common = {
@@ -379,7 +386,7 @@ def _read_mask(path: Path) -> np.ndarray:
 
 def _slide_record(
     row: pd.Series, tissue: np.ndarray, lesion: np.ndarray, lesions: tuple[tuple[float, float, float], ...]
-) -> dict:
+) -> dict[str, Any]:
     """Per-slide entry of truth.json; fractions measured on the masks (the same on a re-run)."""
     n_tissue = int(tissue.sum())
     return {
@@ -391,7 +398,7 @@ def _slide_record(
     }
 
 
-def _make_one(out: Path, cfg: SynthConfig, index: int, row: pd.Series) -> dict:
+def _make_one(out: Path, cfg: SynthConfig, index: int, row: pd.Series) -> dict[str, Any]:
     """Write (or find complete) one slide and its masks; return its truth.json entry."""
     svs = out / row.path
     lesion_png = out / "lesion_masks" / f"{row.slide_id}.png"
@@ -409,21 +416,7 @@ def _make_one(out: Path, cfg: SynthConfig, index: int, row: pd.Series) -> dict:
         )
         lesions = tuple((les.cx, les.cy, les.r0) for les in layout.lesions)
         return _slide_record(row, _read_mask(tissue_png), _read_mask(lesion_png), lesions)
-    truth = write_slide(
-        svs,
-        size=cfg.size,
-        label=int(row.label),
-        n_classes=cfg.n_classes,
-        lesion_fraction=cfg.lesion_fraction,
-        rng=slide_rng(cfg.seed, index),
-        n_lesions=cfg.n_lesions,
-        subtle=cfg.subtle,
-        mpp=cfg.mpp,
-        app_mag=cfg.app_mag,
-        tile_size=cfg.tile_size,
-        jpeg_quality=cfg.jpeg_quality,
-        mask_downsample=cfg.mask_downsample,
-    )
+    truth = write_slide(svs, label=int(row.label), rng=slide_rng(cfg.seed, index), **cfg.slide_kwargs())
     _write_mask(lesion_png, truth.lesion)
     _write_mask(tissue_png, truth.tissue)
     return _slide_record(row, truth.tissue, truth.lesion, truth.lesions)

@@ -32,7 +32,7 @@ class TissueConfig:
     thumb_mpp: float = 8.0
     saturation_floor: int = 12
     saturation_ceiling: int = 40
-    median_um: float = 40.0
+    median_um: float = 24.0
     close_um: float = 24.0
     min_area_um2: float = 20_000.0
     max_hole_um2: float = 20_000.0

@@ -1,0 +1,1 @@
+"""Models: tile backbones by name with their preprocessing card, and attention-MIL heads."""

@@ -1,0 +1,338 @@
+"""The SLURM scripts against a live one-node Slurm (tests/slurm/start_slurm.sh).
+
+Run with ``python -m pytest tests/test_slurm_live.py -m slurm`` (deselected by default). The fixture
+``live_slurm`` comes from tests/slurm/fixtures.py (registered in tests/conftest.py).
+
+Besides the Slurm basics (a job runs, a failing job shows its error, the scripts' #SBATCH lines pass
+the controller), these tests run the four slurm/*.sbatch scripts unchanged with a stand-in ``slidemil``
+package (``python -m slidemil`` resolves to it through PYTHONPATH): they check the command lines the
+scripts build, that train.sbatch's srun + torchrun ranks meet through the c10d rendezvous, that the CV
+array writes its summary once every fold is done, and that array shards cover every index once. The
+requeue test drives the scripts' signal-trap block (copied verbatim from train.sbatch) through both
+ways a job is stopped: ``scontrol requeue`` (TERM, as a preemption) and USR1 before the time limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.fixtures import (
+    REPO,
+    job_info,
+    jobcomp_records,
+    sbatch,
+    wait_finished,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slurm
+
+SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
+EXPECTED_SCRIPTS = {"train.sbatch", "cv_array.sbatch", "score_array.sbatch", "extract_array.sbatch"}
+BLOCK_START = "# >>> requeue-safe runner"
+BLOCK_END = "# <<< requeue-safe runner <<<\n"
+
+
+def _sh(*cmd: str) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"{' '.join(cmd)}: {r.stderr}"
+    return r.stdout
+
+
+def _requeue_block(script: Path) -> str:
+    text = script.read_text()
+    start, end = text.index(BLOCK_START), text.index(BLOCK_END) + len(BLOCK_END)
+    return text[start:end]
+
+
+# ---- Slurm itself ------------------------------------------------------------------------------------
+
+
+def test_node_idle_and_trivial_job_runs(live_slurm, tmp_path):
+    sinfo = _sh("sinfo", "-N", "-o", "%N %P %T %c %m")
+    print(sinfo)
+    node_line = next(ln for ln in sinfo.splitlines() if ln.startswith(live_slurm.node + " "))
+    busy = _sh("squeue", "-h", "-w", live_slurm.node).strip()
+    assert "idle" in node_line or busy, node_line
+
+    out = tmp_path / "hostname-%j.out"
+    rc, job_id, _ = sbatch([f"--output={out}", "--job-name=slidemil-hostname", "--wrap", "hostname -s"],
+                           wait=True, cwd=tmp_path, timeout=120)
+    assert rc == 0
+    text = (tmp_path / f"hostname-{job_id}.out").read_text()
+    assert text.strip() == socket.gethostname().split(".")[0] or text.strip() == live_slurm.node
+    info = job_info(job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+    print(_sh("squeue", "-o", "%.8i %.9P %.20j %.8T %.10M %R"))
+
+
+def test_failing_job_shows_its_error_and_exit_state(live_slurm, tmp_path):
+    out = tmp_path / "fail-%j.out"
+    message = "slidemil-test: metadata.csv row 3: label 7 is out of range (2 classes)"
+    rc, job_id, _ = sbatch(
+        [f"--output={out}", "--job-name=slidemil-fail", "--wrap", f"echo '{message}' >&2; exit 3"],
+        wait=True, cwd=tmp_path, timeout=120)
+    assert rc == 3  # sbatch --wait exits with the job's exit code
+    assert message in (tmp_path / f"fail-{job_id}.out").read_text()
+    info = job_info(job_id)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", info
+    records = jobcomp_records(job_id)  # accounting is off: jobcomp/filetxt is our sacct
+    if records:
+        print(records[-1])
+        assert "JobState=FAILED" in records[-1] and "ExitCode=3:0" in records[-1]
+
+
+# ---- the scripts, statically and against the controller ---------------------------------------------
+
+
+def test_sbatch_scripts_parse_and_pass_test_only(live_slurm):
+    assert EXPECTED_SCRIPTS <= {s.name for s in SCRIPTS}
+    block = _requeue_block(REPO / "slurm" / "train.sbatch")
+    for script in SCRIPTS:
+        text = script.read_text()
+        r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{script.name}: {r.stderr}"
+        assert "#SBATCH --requeue" in text and re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.M)
+        assert _requeue_block(script) == block, f"{script.name}: requeue block differs from train.sbatch"
+        # every setting at the top is overridable from the environment
+        settings = re.findall(r"^([A-Z_]+)=\$\{\1:-", text, re.M)
+        assert {"OUT", "VENV", "PYTHON"} <= set(settings), (script.name, settings)
+        r = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True,
+                           timeout=30, cwd=REPO)
+        assert r.returncode == 0 and "to start at" in r.stderr, f"{script.name}: {r.stderr}"
+        # outside Slurm the scripts refuse with a reason instead of running something half-configured
+        r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30,
+                           env={"PATH": "/usr/bin:/bin", "OUT": "/nonexistent"})
+        assert r.returncode != 0 and "submit this script with sbatch" in r.stderr, (script.name, r.stderr)
+    for name in ("train.sbatch", "cv_array.sbatch"):
+        assert "--resume" in (REPO / "slurm" / name).read_text()
+
+
+# ---- the scripts, run unchanged with a stand-in slidemil -------------------------------------------
+
+FAKE_MAIN = r'''
+"""Stand-in for `python -m slidemil` in the SLURM script tests: records how it was called."""
+import json, os, sys, time
+from pathlib import Path
+
+argv = sys.argv[1:]
+rec = {"argv": argv, "env": {k: os.environ.get(k) for k in (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "OMP_NUM_THREADS", "SLURM_JOB_ID",
+    "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_PROCID", "SLURM_NNODES")}}
+if os.environ.get("WORLD_SIZE"):  # under torchrun: prove the ranks met
+    import torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    t = torch.tensor([dist.get_rank() + 1.0])
+    dist.all_reduce(t)
+    rec["all_reduce"] = t.item()
+    dist.destroy_process_group()
+if argv and argv[0] == "cv-summary":
+    out = Path(argv[argv.index("--out") + 1])
+    rec["folds_done"] = sorted(p.parent.name for p in out.glob("fold_*/.slurm_fold_done"))
+    (out / "cv_summary.csv").write_text("metric,mean,std\n")
+if os.environ.get("FAKE_FAIL") and argv and argv[0] == os.environ["FAKE_FAIL"]:
+    print(f"slidemil: error: stand-in failure of {argv[0]}", file=sys.stderr)
+    sys.exit(2)
+log = Path(os.environ["FAKE_LOG"])
+log.mkdir(parents=True, exist_ok=True)
+(log / f"{argv[0] if argv else 'none'}-{os.getpid()}-{time.monotonic_ns()}.json").write_text(json.dumps(rec))
+'''
+
+
+@pytest.fixture
+def fake_slidemil(tmp_path):
+    """Env for sbatch under which `python -m slidemil ...` records its call in FAKE_LOG."""
+    pkg = tmp_path / "fake" / "slidemil"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(textwrap.dedent(FAKE_MAIN))
+    log = tmp_path / "calls"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake"), "PYTHON": sys.executable,
+           "FAKE_LOG": str(log)}
+    env.pop("OMP_NUM_THREADS", None)
+
+    def calls(command: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(log.glob(f"{command}-*.json"))]
+
+    return env, calls
+
+
+def _arg(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_train_sbatch_srun_torchrun_rendezvous(live_slurm, tmp_path, fake_slidemil):
+    env, calls = fake_slidemil
+    env.update(METADATA="/data/m.csv", FEATURES="/data/f", OUT=str(tmp_path / "run"), CPU_PROCS="2",
+               TRAIN_ARGS="--epochs 3 --mil simple")
+    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", f"--output={tmp_path}/train-%j.out",
+                            str(REPO / "slurm" / "train.sbatch"), "--seed", "7"],
+                           wait=True, env=env, cwd=tmp_path, timeout=240)
+    log = (tmp_path / f"train-{job_id}.out").read_text()
+    assert rc == 0, log
+    ranks = calls("train")
+    assert len(ranks) == 2, log
+    assert sorted(r["env"]["RANK"] for r in ranks) == ["0", "1"]
+    for r in ranks:
+        argv = r["argv"]
+        assert r["env"]["WORLD_SIZE"] == "2" and r["all_reduce"] == 3.0  # both ranks met (gloo)
+        assert _arg(argv, "--metadata") == "/data/m.csv" and _arg(argv, "--features") == "/data/f"
+        assert _arg(argv, "--out") == str(tmp_path / "run") and "--resume" in argv
+        assert argv[-6:] == ["--epochs", "3", "--mil", "simple", "--seed", "7"]
+        assert r["env"]["OMP_NUM_THREADS"] == "1"  # 2 CPUs of the task shared by 2 ranks
+    assert "1 node(s) x 2 rank(s)" in log
+
+
+def test_cv_array_runs_each_fold_and_writes_summary_last(live_slurm, tmp_path, fake_slidemil):
+    env, calls = fake_slidemil
+    out = tmp_path / "cv"
+    env.update(METADATA="/data/m.csv", FEATURES="/data/f", OUT=str(out), FOLDS="3")
+    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", "--array=0-2", "--cpus-per-task=1",
+                            f"--output={tmp_path}/cv-%A_%a.out", str(REPO / "slurm" / "cv_array.sbatch")],
+                           wait=True, env=env, cwd=tmp_path, timeout=240)
+    assert rc == 0, "\n".join(p.read_text() for p in tmp_path.glob("cv-*.out"))
+    folds = sorted(_arg(c["argv"], "--fold") for c in calls("train"))
+    assert folds == ["0", "1", "2"]
+    for c in calls("train"):
+        assert _arg(c["argv"], "--folds") == "3" and "--resume" in c["argv"]
+        assert _arg(c["argv"], "--out") == str(out)
+    summaries = calls("cv-summary")
+    assert summaries, "no task wrote the summary"
+    assert all(s["folds_done"] == ["fold_0", "fold_1", "fold_2"] for s in summaries)
+    assert (out / "cv_summary.csv").exists()
+
+
+def test_cv_array_failed_fold_fails_and_skips_summary(live_slurm, tmp_path, fake_slidemil):
+    env, calls = fake_slidemil
+    env.update(OUT=str(tmp_path / "cv"), FOLDS="2", FAKE_FAIL="train")
+    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", "--array=0-1", "--cpus-per-task=1",
+                            f"--output={tmp_path}/cv-%A_%a.out", str(REPO / "slurm" / "cv_array.sbatch")],
+                           wait=True, env=env, cwd=tmp_path, timeout=240)
+    assert rc == 2
+    assert "stand-in failure of train" in (tmp_path / f"cv-{job_id}_0.out").read_text()
+    assert not calls("cv-summary") and not (tmp_path / "cv" / "cv_summary.csv").exists()
+
+
+@pytest.mark.parametrize("script,command", [("score_array.sbatch", "score"),
+                                            ("extract_array.sbatch", "extract")])
+def test_array_shards_cover_every_index_once(live_slurm, tmp_path, fake_slidemil, script, command):
+    env, calls = fake_slidemil
+    env.update(MODEL="/models/pkg", SLIDES="/data/slides/*.svs", COORDS="/data/coords",
+               OUT=str(tmp_path / "out"), BACKBONE="tiny_cnn")
+    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", "--array=0-3", "--cpus-per-task=1",
+                            f"--output={tmp_path}/a-%A_%a.out", str(REPO / "slurm" / script), "--top-k", "2"],
+                           wait=True, env=env, cwd=tmp_path, timeout=240)
+    assert rc == 0, "\n".join(p.read_text() for p in tmp_path.glob("a-*.out"))
+    runs = calls(command)
+    assert sorted(_arg(c["argv"], "--shard") for c in runs) == ["0/4", "1/4", "2/4", "3/4"]
+    for c in runs:
+        argv = c["argv"]
+        assert _arg(argv, "--out") == str(tmp_path / "out") and argv[-2:] == ["--top-k", "2"]
+        if command == "score":
+            assert argv[1:3] == ["/models/pkg", "/data/slides/*.svs"]  # the glob reaches slidemil unexpanded
+        else:
+            assert argv[1] == "/data/slides/*.svs" and _arg(argv, "--coords") == "/data/coords"
+            assert _arg(argv, "--backbone") == "tiny_cnn"
+    # rerunning one task alone needs NUM_SHARDS; without it the script refuses instead of mis-sharding
+    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", "--array=2", f"--output={tmp_path}/b-%A_%a.out",
+                            str(REPO / "slurm" / script)], wait=True, env=env, cwd=tmp_path, timeout=120)
+    assert rc == 2 and "NUM_SHARDS" in (tmp_path / f"b-{job_id}_2.out").read_text()
+
+
+# ---- requeue and resume -------------------------------------------------------------------------------
+
+COUNTER = r'''
+"""A stand-in trainer: STEPS steps, a checkpoint after each, --resume continues from it; TERM ends
+the run after the current step (its checkpoint saved), as a trainer saves on preemption."""
+import json, os, signal, sys, time
+from pathlib import Path
+
+state, result, starts = (Path(p) for p in sys.argv[1:4])
+steps, delay = int(sys.argv[4]), float(sys.argv[5])
+resume = "--resume" in sys.argv
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+
+step, acc = 0, 1
+if resume and state.exists():
+    ck = json.loads(state.read_text())
+    step, acc = ck["step"], ck["acc"]
+with starts.open("a") as f:
+    f.write(json.dumps({"step": step, "restart": os.environ.get("SLURM_RESTART_COUNT", "0")}) + "\n")
+while step < steps:
+    time.sleep(delay)
+    acc = (acc * 31 + step * step + 7) % 1_000_000_007  # order-sensitive: a lost or repeated step shows
+    step += 1
+    tmp = state.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step, "acc": acc}))
+    os.replace(tmp, state)
+    if stop:
+        sys.exit(143)
+result.write_text(json.dumps({"step": step, "acc": acc}))
+'''
+
+
+def test_requeue_resumes_from_checkpoint(live_slurm, tmp_path):
+    steps, delay = 40, 0.2
+    counter = tmp_path / "counter.py"
+    counter.write_text(COUNTER)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    subprocess.run([sys.executable, str(counter), str(reference / "state.json"), str(reference / "result.json"),
+                    str(reference / "starts.jsonl"), str(steps), "0", "--resume"], check=True, timeout=60)
+    expected = json.loads((reference / "result.json").read_text())
+
+    state, result, starts = tmp_path / "state.json", tmp_path / "result.json", tmp_path / "starts.jsonl"
+    job = tmp_path / "counter.sbatch"
+    job.write_text(
+        "#!/usr/bin/env bash\n#SBATCH --job-name=slidemil-requeue\n#SBATCH --requeue\n"
+        "#SBATCH --signal=B:USR1@120\n#SBATCH --open-mode=append\n"
+        "VENV=\nREQUEUE_ON_TIMEOUT=1\n"
+        + _requeue_block(REPO / "slurm" / "train.sbatch")
+        + f"run_requeueable {sys.executable} {counter} {state} {result} {starts} {steps} {delay} --resume\n"
+        "exit $?\n")
+    out = tmp_path / "requeue-%j.out"
+    rc, job_id, _ = sbatch([f"--output={out}", f"--chdir={tmp_path}", str(job)], cwd=tmp_path)
+    assert rc == 0
+
+    def progress(at_least: int, restart: str):
+        def check():
+            info = job_info(job_id)
+            if info.get("JobState") != "RUNNING" or info.get("Restarts", "0") != restart:
+                return None
+            try:
+                return json.loads(state.read_text())["step"] >= at_least
+            except (OSError, ValueError, KeyError):
+                return None
+        return check
+
+    t0 = time.monotonic()
+    # 1) preemption-like: scontrol requeue -> TERM to the job; the rerun resumes
+    wait_for(progress(5, "0"), 60, what="first run to make progress")
+    _sh("scontrol", "requeue", job_id)
+    # 2) time-limit-like: USR1 to the batch shell (what --signal=B:USR1@120 sends) -> it requeues itself
+    wait_for(progress(json.loads(state.read_text())["step"] + 5, "1"), 90, what="second run to make progress")
+    _sh("scancel", "--signal=USR1", "--batch", job_id)
+    info = wait_finished(job_id, timeout=120)
+    elapsed = time.monotonic() - t0
+    log = (tmp_path / f"requeue-{job_id}.out").read_text()
+    print(log)
+    print(f"requeue test: job {job_id} {info['JobState']} after {elapsed:.1f} s, Restarts={info['Restarts']}")
+
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
+    assert info["Restarts"] == "2"
+    assert json.loads(result.read_text()) == expected  # same result as an uninterrupted run
+    runs = [json.loads(line) for line in starts.read_text().splitlines()]
+    assert [r["restart"] for r in runs] == ["0", "1", "2"], runs
+    assert runs[0]["step"] == 0 and 0 < runs[1]["step"] < runs[2]["step"] < steps, runs  # resumed, not restarted
+    assert "DUE TO JOB REQUEUE" in log and "TERM: stopping" in log and "USR1: time limit near" in log
