@@ -1,0 +1,49 @@
+"""CLI shim of `slidemil score`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slidemil.cli import add_config_option, add_reading_options, command
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", type=Path, help="model package (from `slidemil export`)")
+    p.add_argument("slides", help="folder, glob, or CSV with slide_id,path[,mpp]")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", type=Path, action="append", default=[],
+                   help="another package to ensemble with (repeatable; probabilities are averaged)")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "openvino", "torch"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--threads", type=int, help="CPU threads for the runners (default: the cores given)")
+    p.add_argument("--attention-norm", choices=["percentile", "minmax", "softmax", "raw"])
+    p.add_argument("--top-k", type=int, help="most attended tiles saved per slide (8; 0 = none)")
+    p.add_argument("--heatmap-overlap", type=float, help="extra overlapping grid for a smoother map (e.g. 0.5)")
+    p.add_argument("--no-geojson", action="store_true", help="skip the QuPath GeoJSON files")
+    p.add_argument("--min-tissue", type=float, help="override the package's minimum tissue fraction")
+    p.add_argument("--mask-dir", help="folder of user tissue masks <slide_id>_mask.png")
+    p.add_argument("--slide-mpp", type=float, help="level-0 mpp for every slide (overrides the files)")
+    add_reading_options(p)
+    add_config_option(p)
+
+
+@command("score", "score slides with a model package: predictions, heatmaps, GeoJSON, top tiles", _options)
+def run(args: argparse.Namespace) -> int:
+    from slidemil.config import load_config
+    from slidemil.engine.score import ScoreConfig, score_slides
+    overrides = {"backend": args.backend, "device": args.device, "precision": args.precision,
+                 "threads": args.threads, "attention_norm": args.attention_norm, "top_k": args.top_k,
+                 "heatmap_overlap": args.heatmap_overlap, "geojson": False if args.no_geojson else None,
+                 "min_tissue": args.min_tissue, "mask_dir": args.mask_dir,
+                 "reading.batch_size": args.batch_size, "reading.workers": args.workers,
+                 "reading.tile_source": args.tile_source}
+    cfg = load_config(ScoreConfig, args.config, overrides)
+    summary = score_slides([args.model_dir, *args.model], args.slides, args.out, cfg, slide_mpp=args.slide_mpp,
+                           shard=args.shard)
+    import logging
+    logging.getLogger("slidemil").info(
+        "%d slides (%d failed), %s tiles/s, %s slides/h -> %s", summary["slides"], summary["failures"],
+        summary["tiles_per_s"], summary["slides_per_hour"], args.out)
+    return 0

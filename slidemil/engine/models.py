@@ -1,0 +1,119 @@
+"""Model packages opened for scoring: a backbone runner and a head runner per package.
+
+The engine reads nothing but the package (``exporter.package.load_package``). ``open_models``
+picks a backend per package (``auto``: the fastest one present for the device that the package has
+files for), builds its runners through a small registry of builders, and checks that an ensemble's
+members agree on class names and tiling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slidemil.engine.runners import OnnxRuntimeRunner, Runner, TorchRunner, choose_backend, resolve_device
+from slidemil.errors import ConfigError, PackageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """One package ready to run: its runners and what it says about itself."""
+
+    name: str
+    package: Any  # exporter.package.Package
+    backbone: Runner
+    head: Runner
+    backend: str
+
+
+RunnerPair = tuple[Runner, Runner]
+BUILDERS: dict[str, Callable[[Any, str, str, int | None], RunnerPair]] = {}
+
+
+def builder(name: str) -> Callable[[Callable[[Any, str, str, int | None], RunnerPair]],
+                                   Callable[[Any, str, str, int | None], RunnerPair]]:
+    def decorator(fn: Callable[[Any, str, str, int | None], RunnerPair]) -> Callable[[Any, str, str, int | None], RunnerPair]:
+        BUILDERS[name] = fn
+        return fn
+    return decorator
+
+
+def _cpu_head(package: Any, threads: int | None) -> Runner:
+    # The head is a few matrix products over (N, D): ONNX Runtime on the CPU keeps it exact (fp32) and
+    # frees the accelerator for the next slide's backbone batches.
+    return OnnxRuntimeRunner(package.head_onnx, device="cpu", threads=threads)
+
+
+@builder("onnxruntime")
+def _onnxruntime(package: Any, device: str, precision: str, threads: int | None) -> RunnerPair:
+    return OnnxRuntimeRunner(package.backbone_onnx_for(device, precision), device=device, threads=threads), \
+        _cpu_head(package, threads)
+
+
+@builder("openvino")
+def _openvino(package: Any, device: str, precision: str, threads: int | None) -> RunnerPair:
+    from slidemil.engine.openvino_runner import OpenVinoRunner
+    ov_precision = "auto" if precision == "auto" else ("bf16" if precision == "bf16" else "fp32")
+    return OpenVinoRunner(package.backbone_onnx, precision=ov_precision, threads=threads), _cpu_head(package, threads)
+
+
+@builder("torch")
+def _torch(package: Any, device: str, precision: str, threads: int | None) -> RunnerPair:
+    from slidemil.exporter.package import load_torch_models
+    backbone, head = load_torch_models(package)
+    return (TorchRunner(backbone, ["tiles"], ["features"], device=device, precision=precision),
+            TorchRunner(head, ["features"], ["logits", "probabilities", "attention", "attention_raw"],
+                        device=device, precision="fp32", channels_last=False))
+
+
+@builder("tensorrt")
+def _tensorrt(package: Any, device: str, precision: str, threads: int | None) -> RunnerPair:
+    from slidemil.engine.tensorrt_runner import TensorRTRunner
+    plan = package.engine_path("backbone", precision)
+    return TensorRTRunner(plan, device=device), _cpu_head(package, threads)
+
+
+def _has_files_for(package: Any, backend: str) -> bool:
+    if backend == "tensorrt":
+        return package.engine_path("backbone", "auto", missing_ok=True) is not None
+    return True
+
+
+@contextlib.contextmanager
+def open_models(model_dirs: Sequence[str | Path], backend: str = "auto", device: str = "auto",
+                precision: str = "auto", threads: int | None = None) -> Iterator[list[LoadedModel]]:
+    """Load each package (checksums verified) and build its runners; close them all on exit."""
+    from slidemil.exporter.package import load_package
+    if not model_dirs:
+        raise ConfigError("give at least one model package (MODEL_DIR or --model)")
+    device = resolve_device(device)
+    with contextlib.ExitStack() as stack:
+        models = []
+        for model_dir in model_dirs:
+            package = load_package(model_dir)
+            name = choose_backend(backend, device, usable=lambda b, p=package: _has_files_for(p, b))
+            backbone, head = BUILDERS[name](package, device, precision, threads)
+            stack.enter_context(backbone)
+            stack.enter_context(head)
+            log.info("model %s: backbone on %s", Path(model_dir).name, backbone.describe())
+            models.append(LoadedModel(Path(model_dir).name, package, backbone, head, name))
+        check_ensemble(models)
+        yield models
+
+
+def check_ensemble(models: list[LoadedModel]) -> None:
+    """Members of an ensemble share class names, tile size and mpp (they score the same tiles)."""
+    first = models[0].package
+    for m in models[1:]:
+        p = m.package
+        if list(p.class_names) != list(first.class_names):
+            raise PackageError(f"ensemble members disagree on class names: {first.class_names} vs {p.class_names}")
+        if (p.tiling.tile.patch_size, p.tiling.tile.mpp) != (first.tiling.tile.patch_size, first.tiling.tile.mpp):
+            raise PackageError("ensemble members must share tile size and mpp: "
+                               f"{first.tiling.tile} vs {p.tiling.tile}")

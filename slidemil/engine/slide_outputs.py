@@ -1,0 +1,81 @@
+"""Writing one scored slide's outputs (run by the engine's writer thread).
+
+Heatmap grid (.npy + sidecar .json), overlay PNG, GeoJSON tiles for QuPath, the top-k most
+attended tiles, then the slide's row in predictions.csv, last, so that a row with status ``ok``
+always means its files are complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slidemil.engine.heatmap import overlap_heatmap
+from slidemil.engine.outputs import (
+    PredictionsTable,
+    geojson_tiles,
+    slide_paths,
+    topk_indices,
+    write_geojson,
+    write_heatmap,
+    write_topk,
+)
+from slidemil.engine.pipeline import SlideStream
+from slidemil.errors import SlidemilError
+from slidemil.slide.reader import open_slide
+from slidemil.slide.tiling import TilingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlideResult:
+    """What scoring one slide produced (arrays are None for a failed slide)."""
+
+    stream: SlideStream
+    row: dict[str, Any]
+    probabilities: np.ndarray | None = None  # (C,)
+    attention: np.ndarray | None = None  # (N,) normalised
+    attention_raw: np.ndarray | None = None  # (N,)
+    overlap_attention: tuple[np.ndarray, np.ndarray, int] | None = field(default=None)  # coords, values, size
+
+
+def write_slide_outputs(result: SlideResult, out: Path, cfg: Any, table: PredictionsTable, class_names: list[str],
+                        tiling: TilingConfig) -> None:
+    """Write the files of a scored slide, then its predictions row (an error row if writing fails)."""
+    row = dict(result.row)
+    if row["status"] == "ok":
+        try:
+            _write_files(result, out, cfg, class_names, tiling)
+        except (SlidemilError, OSError, ValueError) as exc:
+            log.warning("%s: writing outputs failed: %s", row["slide_id"], exc)
+            row.update(status="error", error=f"writing outputs failed: {exc}")
+    table.append(row)
+
+
+def _write_files(result: SlideResult, out: Path, cfg: Any, class_names: list[str], tiling: TilingConfig) -> None:
+    stream, row = result.stream, result.row
+    plan = stream.plan
+    assert plan is not None and result.attention is not None and result.probabilities is not None
+    grid = plan.grid
+    slide_id = row["slide_id"]
+    predicted = row["pred_class"]
+    title = f"{slide_id}: {predicted} (p = {row['prob_' + predicted]:.3f})"
+    overlap_map = None
+    if result.overlap_attention is not None:
+        coords, values, size0 = result.overlap_attention
+        overlap_map = overlap_heatmap(grid.level0_size, coords, size0, values, plan.thumbnail.shape[:2])
+    write_heatmap(out, slide_id, grid, result.attention, cfg.attention_norm, plan.thumbnail, title, overlap_map)
+    if cfg.geojson:
+        fc = geojson_tiles(grid, result.attention, cfg.attention_norm, class_names, result.probabilities,
+                           extra={"attention_raw": result.attention_raw})
+        write_geojson(slide_paths(out, slide_id)["geojson"], fc)
+    if cfg.top_k > 0:
+        top = topk_indices(result.attention, cfg.top_k)
+        with open_slide(stream.entry.path, mpp=stream.entry.mpp) as reader:
+            tiles = reader.read_tiles(grid.coords[top], grid.patch_size_level0, tiling.tile.patch_size)
+        write_topk(out, slide_id, tiles, grid.coords[top], result.attention[top])
