@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from slidemil.atomic import file_lock
 from slidemil.engine.runners import Runner, cpu_threads, register_runner
 from slidemil.errors import BackendUnavailableError, ConfigError
 
@@ -70,7 +71,12 @@ class OpenVinoRunner(Runner):
         if use_cache:
             cache_dir().mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(cache_dir())
-        self.compiled = core.compile_model(str(model_path), "CPU", config)
+        if use_cache:
+            # Processes sharing the cache (array jobs) must not write the same blob at once.
+            with file_lock(cache_dir() / "compile"):
+                self.compiled = core.compile_model(str(model_path), "CPU", config)
+        else:
+            self.compiled = core.compile_model(str(model_path), "CPU", config)
         self.output_names = tuple(o.get_any_name() for o in self.compiled.outputs)
         self._requests = deque(self.compiled.create_infer_request() for _ in range(2))
 
