@@ -65,6 +65,7 @@ def score_slides(model_dirs: list[str | Path], slides: str | Path, out_dir: str 
     entries = select_shard(load_slides(slides, slide_mpp), shard)
     start = time.perf_counter()
     with open_models(model_dirs, cfg.backend, cfg.device, cfg.precision, cfg.threads) as models:
+        load_seconds = time.perf_counter() - start
         class_names = list(models[0].package.class_names)
         table = PredictionsTable(out, class_names)
         tiling = scoring_tiling(models, cfg)
@@ -73,8 +74,9 @@ def score_slides(model_dirs: list[str | Path], slides: str | Path, out_dir: str 
         todo = [e for e in entries if not _done(table, out, e.slide_id, cfg)]
         log.info("%d slides to score (%d already done)", len(todo), len(entries) - len(todo))
         n_tiles = _run(models, todo, out, cfg, tiling, table, class_names)
-        summary = _summary(table, models, cfg, n_tiles, time.perf_counter() - start, len(todo))
-    write_run_summary(out / "run_summary.json", **summary)
+        summary = _summary(table, models, cfg, n_tiles, time.perf_counter() - start, load_seconds, len(todo))
+    name = f"run_summary.shard-{shard.replace('/', '-of-')}.json" if shard else "run_summary.json"
+    write_run_summary(out / name, **summary)
     return summary
 
 
@@ -168,12 +170,14 @@ def _overlap_attention(stream: SlideStream, models: list[LoadedModel], cfg: Scor
 
 
 def _summary(table: PredictionsTable, models: list[LoadedModel], cfg: ScoreConfig, n_tiles: int,
-             wall: float, n_scored: int) -> dict[str, Any]:
+             wall: float, load: float, n_scored: int) -> dict[str, Any]:
     rows = list(table.rows.values())
     failed = [r["slide_id"] for r in rows if r.get("status") != "ok"]
+    scoring = wall - load
     return {"slides": len(rows), "scored_this_run": n_scored, "failures": len(failed), "failed_slides": failed,
-            "total_tiles": n_tiles, "wall_seconds": round(wall, 3),
+            "total_tiles": n_tiles, "wall_seconds": round(wall, 3), "model_load_seconds": round(load, 3),
             "slides_per_hour": round(3600 * n_scored / wall, 1) if wall > 0 else None,
             "tiles_per_s": round(n_tiles / wall, 2) if wall > 0 else None,
+            "tiles_per_s_after_load": round(n_tiles / scoring, 2) if scoring > 0 else None,
             "backend": [m.backbone.describe() for m in models], "device": cfg.device,
             "attention_norm": cfg.attention_norm}

@@ -4,9 +4,10 @@
 ``jpeg_tiff``) and follows the reader contract of DESIGN.md exactly as ``SlideReader.read_tiles``
 does with OpenSlide: the level is ``best_level_for(size_level0 / out_px)`` of the OpenSlide geometry,
 the region is ``ceil(size_level0 / ds)`` pixels at level coordinates ``(x / ds, y / ds)``, pixels
-outside the image are white, and the region is resized with ``cv2.INTER_AREA``. On aligned tiles
-the pixels are identical to OpenSlide's. Where ``x / ds`` is fractional OpenSlide (through cairo)
-interpolates bilinearly with 7-bit weights; that is mirrored here to within 1 grey level.
+outside the image are white, and the region is resized with ``cv2.INTER_AREA``. At whole level
+coordinates (every level-0 read) the pixels are identical to OpenSlide's. Where ``x / ds`` is
+fractional, OpenSlide (through cairo) interpolates bilinearly with 7-bit weights; that is mirrored
+here to within 2 grey levels (mean about 0.15). nvJPEG on a GPU is about one grey level from libjpeg.
 
 Output tiles that straddle file tiles are assembled from them; each file tile is decoded once per
 pass in grid order thanks to a small LRU cache of decoded tiles (a couple of tile rows).
@@ -14,8 +15,10 @@ pass in grid order thanks to a small LRU cache of decoded tiles (a couple of til
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +29,11 @@ import numpy as np
 import torch
 
 from slidemil.errors import SlidemilError, SlideOpenError, SlideReadError
-from slidemil.slide.jpeg_tiff import JpegLevel, TileFile, probe_levels
+from slidemil.slide.jpeg_tiff import JpegLevel, TileFile, open_jpeg_levels
 from slidemil.slide.sources import TileSource, register_source
 
 log = logging.getLogger(__name__)
 
-TIFF_FORMATS = ("aperio", "generic-tiff")
 CACHE_MAX_BYTES = 256 * 2**20
 WEIGHT_BITS = 7  # pixman's bilinear weights, as OpenSlide's cairo painting uses them
 GPU_COLOUR_CHECK_TOLERANCE = 4.0  # mean abs grey levels between nvJPEG and libjpeg on one tile
@@ -54,27 +56,73 @@ class _Plan:
         return int(bool(self.wx.any() or self.wy.any()))
 
 
+class _Claim:
+    """A tile one thread is decoding; others wait on ``done`` and take ``value`` (None if it failed)."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+
+
 class _LruTiles:
-    """Decoded file tiles keyed by (level, tile index), least recently used dropped first."""
+    """Decoded file tiles keyed by (level, tile index), least recently used dropped first; thread-safe.
+
+    A thread that misses claims the key; other threads wanting it wait for it instead of decoding it too.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(1, capacity)
         self._items: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._pending: dict[tuple[int, int], _Claim] = {}
+        self._lock = threading.Lock()
 
-    def get(self, key: tuple[int, int]) -> Any:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
+    def claim(self, key: tuple[int, int]) -> tuple[Any, _Claim | None]:
+        """(tile, None) if cached; (None, claim) if another thread decodes it; (None, None): decode it, then put."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+                return item, None
+            if key in self._pending:
+                return None, self._pending[key]
+            self._pending[key] = _Claim()
+            return None, None
 
     def put(self, key: tuple[int, int], value: Any) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        """Store a decoded tile (None: the decode failed) and release the threads waiting for it."""
+        with self._lock:
+            if value is not None:
+                self._items[key] = value
+                self._items.move_to_end(key)
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+            claim = self._pending.pop(key, None)
+        if claim is not None:
+            claim.value = value
+            claim.done.set()
 
-    def clear(self) -> None:
-        self._items.clear()
+
+# The engine gives each reader thread its own source and deals batches round-robin: sources of
+# one file share their CPU tile cache, else straddled file tiles are decoded once per thread.
+_SHARED: dict[tuple[Any, ...], tuple[_LruTiles, int]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _acquire_cache(path: Path, capacity: int) -> tuple[tuple[Any, ...], _LruTiles]:
+    """The CPU tile cache of this file (same path, inode, size and mtime), shared by its open sources."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _SHARED_LOCK:
+        cache, users = _SHARED.get(key) or (_LruTiles(capacity), 0)
+        _SHARED[key] = (cache, users + 1)
+    return key, cache
+
+
+def _release_cache(key: tuple[Any, ...]) -> None:
+    with _SHARED_LOCK:
+        cache, users = _SHARED.pop(key)
+        if users > 1:
+            _SHARED[key] = (cache, users - 1)
 
 
 @register_source("jpeg")
@@ -84,8 +132,9 @@ class JpegTileSource(TileSource):
     Args:
         path: slide file (Aperio SVS or generic tiled TIFF with JPEG tiles).
         mpp: level-0 microns per pixel given by the user (kept for the geometry reader).
-        cache_tiles: decoded file tiles kept per level; default two tile rows of the widest JPEG
-            level, capped at 256 MiB.
+        cache_tiles: decoded file tiles kept for output tiles that straddle them (shared by the
+            sources open on the same file in this process); default four tile rows of the widest
+            JPEG level plus 16, at most 256 MiB of pixels.
 
     Raises:
         SlideOpenError: the file is not such a slide, or none of its levels is JPEG-tiled.
@@ -93,12 +142,12 @@ class JpegTileSource(TileSource):
 
     def __init__(self, path: str | Path, mpp: float | None = None, cache_tiles: int | None = None) -> None:
         self.path = Path(path)
-        self._reader, self._levels = _probe(self.path, mpp)
+        self._reader, self._levels = open_jpeg_levels(self.path, mpp)
         if not any(self._levels):
             self._reader.close()
             raise SlideOpenError(f"{self.path.name}: no level is stored as tiled JPEG; use the openslide tile source")
         self._file = TileFile(self.path)
-        self._cache = _LruTiles(cache_tiles or _default_capacity(self._levels))
+        self._cache_key, self._cache = _acquire_cache(self.path, cache_tiles or _default_capacity(self._levels))
         self._device_cache = _LruTiles(self._cache.capacity)
         self._warned: set[int] = set()
         self._cpu_decode_levels: set[int] = set()  # levels whose nvJPEG colours failed the check
@@ -108,7 +157,7 @@ class JpegTileSource(TileSource):
     def supports(cls, path: Path, size_level0: int, out_px: int) -> bool:
         """True when the level this tile size is read from is a JPEG-tiled page of an SVS/tiled TIFF."""
         try:
-            reader, levels = _probe(Path(path), None)
+            reader, levels = open_jpeg_levels(Path(path), None)
         except SlidemilError:
             return False
         with reader:
@@ -129,7 +178,7 @@ class JpegTileSource(TileSource):
         scratch = None if direct else np.empty((side, side, 3), dtype=np.uint8)
         for i in range(len(coords)):
             region = out[i] if direct else scratch
-            _assemble(level, int(plan.ix[i]), int(plan.iy[i]), side, tiles, region)
+            level.paste(int(plan.ix[i]), int(plan.iy[i]), side, tiles, region)
             if direct:
                 continue
             if plan.ext:
@@ -163,7 +212,7 @@ class JpegTileSource(TileSource):
         side = plan.size + plan.ext
         batch = torch.empty((len(coords), side, side, 3), dtype=torch.uint8, device=device)
         for i in range(len(coords)):
-            _assemble(level, int(plan.ix[i]), int(plan.iy[i]), side, tiles, batch[i])
+            level.paste(int(plan.ix[i]), int(plan.iy[i]), side, tiles, batch[i])
         if plan.ext:
             wx = torch.as_tensor(plan.wx, device=device).view(-1, 1, 1, 1)
             wy = torch.as_tensor(plan.wy, device=device).view(-1, 1, 1, 1)
@@ -184,21 +233,35 @@ class JpegTileSource(TileSource):
     def _decoded(self, plan: _Plan, level: JpegLevel, device: torch.device | None) -> dict[int, Any]:
         """Every file tile the plan touches, decoded (HWC uint8; numpy on the CPU, tensors on a device)."""
         cache = self._cache if device is None else self._device_cache
+        # Output tiles that are whole file tiles never share them: caching would only cost memory.
+        aligned = (plan.ext == 0 and plan.size == level.tile_w == level.tile_h
+                   and not (plan.ix % level.tile_w).any() and not (plan.iy % level.tile_h).any())
         tiles: dict[int, Any] = {}
         missing: list[int] = []
-        for index in _tiles_touched(level, plan):
-            hit = cache.get((plan.level, index))
-            if hit is not None:
-                tiles[index] = hit
-            elif level.counts[index] == 0:
+        waiting: list[tuple[int, _Claim]] = []
+        for index in level.tiles_under(plan.ix.tolist(), plan.iy.tolist(), plan.size + plan.ext):
+            if level.counts[index] == 0:
                 tiles[index] = None  # not stored: OpenSlide draws it transparent, i.e. white
+                continue
+            tile, claim = (None, None) if aligned else cache.claim((plan.level, index))
+            if tile is not None:
+                tiles[index] = tile
+            elif claim is not None:
+                waiting.append((index, claim))  # another thread is decoding it
             else:
                 missing.append(index)
-        if missing:
-            decoded = self._decode(plan.level, level, missing, device)
+        decoded: list[Any] = [None] * len(missing)
+        try:
+            if missing:
+                decoded = self._decode(plan.level, level, missing, device)
+        finally:  # settle our claims (None on failure) before waiting on other threads': no deadlock
             for index, tile in zip(missing, decoded):
-                cache.put((plan.level, index), tile)
                 tiles[index] = tile
+                if not aligned:
+                    cache.put((plan.level, index), tile)
+        for index, claim in waiting:
+            claim.done.wait()
+            tiles[index] = claim.value if claim.value is not None else self._decode(plan.level, level, [index], device)[0]
         return tiles
 
     def _decode(self, level_index: int, level: JpegLevel, indices: list[int], device: torch.device | None) -> list[Any]:
@@ -264,40 +327,17 @@ class JpegTileSource(TileSource):
         return self._reader
 
     def close(self) -> None:
-        self._cache.clear()
-        self._device_cache.clear()
+        if self._cache_key is not None:
+            _release_cache(self._cache_key)
+            self._cache_key = None
+        self._device_cache = _LruTiles(1)
         self._file.close()
         self._reader.close()
 
 
-def _probe(path: Path, mpp: float | None) -> tuple[Any, list[JpegLevel | None]]:
-    """The OpenSlide reader (for geometry and level choice) and the JPEG level of each of its levels.
-
-    Raises:
-        SlideOpenError: when the file is not an SVS/generic TIFF that OpenSlide and tifffile open.
-    """
-    import openslide
-    import tifffile
-
-    from slidemil.slide.readers import OpenSlideReader
-
-    try:
-        vendor = openslide.OpenSlide.detect_format(str(path)) if path.is_file() else None
-    except openslide.OpenSlideError:
-        vendor = None
-    if vendor not in TIFF_FORMATS:
-        raise SlideOpenError(f"{path.name}: not an SVS or generic tiled TIFF (OpenSlide format {vendor!r})")
-    reader = OpenSlideReader(path, mpp=mpp)
-    try:
-        return reader, probe_levels(path, reader.level_dimensions)
-    except (tifffile.TiffFileError, OSError, ValueError) as exc:
-        reader.close()
-        raise SlideOpenError(f"{path.name}: tifffile cannot read its pages: {exc}") from exc
-
-
 def _default_capacity(levels: list[JpegLevel | None]) -> int:
     widest = max((lv for lv in levels if lv is not None), key=lambda lv: lv.tiles_across)
-    rows = 2 * widest.tiles_across + 16
+    rows = 4 * widest.tiles_across + 16  # two tile rows for each of a couple of reader threads
     return max(16, min(rows, CACHE_MAX_BYTES // (widest.tile_w * widest.tile_h * 3)))
 
 
@@ -322,42 +362,6 @@ def _level_axis(c: np.ndarray, ds: float) -> tuple[np.ndarray, np.ndarray]:
     return first, weight
 
 
-def _tiles_touched(level: JpegLevel, plan: _Plan) -> list[int]:
-    """Indices of the file tiles under the plan's regions, in first-use order."""
-    side = plan.size + plan.ext
-    seen: dict[int, None] = {}
-    for x, y in zip(plan.ix.tolist(), plan.iy.tolist()):
-        x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + side, level.width), min(y + side, level.height)
-        if x0 >= x1 or y0 >= y1:
-            continue
-        for row in range(y0 // level.tile_h, (y1 - 1) // level.tile_h + 1):
-            for col in range(x0 // level.tile_w, (x1 - 1) // level.tile_w + 1):
-                seen[row * level.tiles_across + col] = None
-    return list(seen)
-
-
-def _assemble(level: JpegLevel, x: int, y: int, side: int, tiles: dict[int, Any], out: Any) -> None:
-    """Fill ``out`` (side, side, 3; numpy or torch) with the level's pixels at (x, y); white outside."""
-    x0, y0 = max(x, 0), max(y, 0)
-    x1, y1 = min(x + side, level.width), min(y + side, level.height)
-    if x0 >= x1 or y0 >= y1 or x0 > x or y0 > y or x1 < x + side or y1 < y + side:
-        out[...] = 255
-    if x0 >= x1 or y0 >= y1:
-        return
-    th, tw = level.tile_h, level.tile_w
-    for row in range(y0 // th, (y1 - 1) // th + 1):
-        ty0, ty1 = max(y0, row * th), min(y1, (row + 1) * th)
-        for col in range(x0 // tw, (x1 - 1) // tw + 1):
-            tx0, tx1 = max(x0, col * tw), min(x1, (col + 1) * tw)
-            tile = tiles[row * level.tiles_across + col]
-            target = out[ty0 - y:ty1 - y, tx0 - x:tx1 - x]
-            if tile is None:
-                target[...] = 255
-            else:
-                target[...] = tile[ty0 - row * th:ty1 - row * th, tx0 - col * tw:tx1 - col * tw]
-
-
 def _shift(region: Any, wx: Any, wy: Any) -> Any:
     """Bilinear sub-pixel shift by (wx, wy) / 128 px of (..., n+1, n+1, 3) uint8 to (..., n, n, 3).
 
@@ -377,35 +381,22 @@ def _shift(region: Any, wx: Any, wy: Any) -> Any:
 def area_resize(batch: torch.Tensor, out_px: int) -> torch.Tensor:
     """Resize uint8 (B, n, n, 3) to (B, out_px, out_px, 3) as ``cv2.INTER_AREA`` does, on the batch's device.
 
-    Written as two matrix products with OpenCV's weights: shrinking averages each output pixel's
-    exact footprint (fractional edges weighted), enlarging blends at most two neighbours.
+    INTER_AREA is separable, so it is two matrix products with OpenCV's own per-axis weights.
     ``F.interpolate(mode="area")`` uses whole-pixel windows instead and differs from OpenCV by several
     grey levels at the non-integer ratios that mpp conversion gives.
     """
-    weights = _area_weights(batch.shape[1], out_px, batch.device)  # (out_px, n)
+    weights = _area_weights(batch.shape[1], out_px).to(batch.device)  # (out_px, n)
     x = batch.permute(0, 3, 1, 2).float()  # (B, 3, n, n)
     x = weights @ x @ weights.T
     return (x + 0.5).floor_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def _area_weights(n: int, m: int, device: torch.device) -> torch.Tensor:
-    """(m, n) float32 weights of OpenCV's INTER_AREA along one axis, n pixels to m."""
-    scale = n / m
-    if m <= n:  # share of input pixel j in output pixel i
-        edges = torch.arange(m + 1, dtype=torch.float64) * scale
-        j = torch.arange(n, dtype=torch.float64)[None, :]
-        overlap = torch.minimum(edges[1:, None], j + 1) - torch.maximum(edges[:-1, None], j)
-        return (overlap.clamp_(min=0) / scale).to(torch.float32).to(device)
-    weights = torch.zeros((m, n), dtype=torch.float64)
-    for i in range(m):  # OpenCV: the fraction of output pixel i past the input pixel boundary
-        j = math.floor(i * scale)
-        frac = (i + 1) - (j + 1) / scale
-        frac = 0.0 if frac <= 0 else frac - math.floor(frac)
-        if j + 1 < n:
-            weights[i, j], weights[i, j + 1] = 1 - frac, frac
-        else:
-            weights[i, min(j, n - 1)] = 1.0
-    return weights.to(torch.float32).to(device)
+@functools.lru_cache(maxsize=16)
+def _area_weights(n: int, m: int) -> torch.Tensor:
+    """(m, n) float32: OpenCV's INTER_AREA weights along one axis, n pixels to m (its response to impulses)."""
+    impulses = np.eye(n, dtype=np.float32)  # row k: an impulse at pixel k
+    response = cv2.resize(impulses, (m, n), interpolation=cv2.INTER_AREA)  # (n, m)
+    return torch.from_numpy(np.ascontiguousarray(response.T))
 
 
 __all__ = ["JpegTileSource", "area_resize"]

@@ -1,4 +1,4 @@
-"""The JPEG tiles of a TIFF-family slide (Aperio SVS, generic tiled TIFF) as decodable byte streams.
+"""The JPEG tiles of a TIFF-family slide (Aperio SVS, generic tiled TIFF): byte streams and layout.
 
 OpenSlide's levels are matched to the file's tiled pages by their dimensions (tifffile's SVS series
 also hold the thumbnail, label and macro pages, which OpenSlide does not count as levels). A level
@@ -9,6 +9,7 @@ Each tile's stream is the page's shared ``JPEGTables`` without their EOI followe
 without its SOI. Photometric RGB tiles (Aperio writes RGB JPEG without the YCbCr transform) get an
 Adobe APP14 segment with transform 0 right after SOI, and lose any JFIF APP0 or other APP14, so that
 decoders do not apply a YCbCr conversion: OpenSlide decodes them as RGB because the TIFF says so.
+``JpegLevel`` also knows which file tiles a region covers and pastes decoded tiles into it.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from slidemil.errors import SlideReadError
+from slidemil.errors import SlideOpenError, SlideReadError
 
+TIFF_FORMATS = ("aperio", "generic-tiff")  # OpenSlide formats whose levels are TIFF pages
 JPEG_COMPRESSION = 7
 PHOTOMETRIC_RGB = 2
 PHOTOMETRIC_YCBCR = 6
@@ -53,10 +56,66 @@ class JpegLevel:
     def tiles_down(self) -> int:
         return -(-self.height // self.tile_h)
 
+    def tiles_under(self, xs: list[int], ys: list[int], side: int) -> list[int]:
+        """Indices of the file tiles under squares of ``side`` px at level (x, y), in first-use order."""
+        seen: dict[int, None] = {}
+        for x, y in zip(xs, ys):
+            x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + side, self.width), min(y + side, self.height)
+            if x0 < x1 and y0 < y1:
+                for row in range(y0 // self.tile_h, (y1 - 1) // self.tile_h + 1):
+                    for col in range(x0 // self.tile_w, (x1 - 1) // self.tile_w + 1):
+                        seen[row * self.tiles_across + col] = None
+        return list(seen)
+
+    def paste(self, x: int, y: int, side: int, tiles: dict[int, Any], out: Any) -> None:
+        """Fill ``out`` (side, side, 3; numpy or torch) from decoded HWC ``tiles``; white off the image.
+
+        Pixels of edge tiles beyond the image are not used: OpenSlide clips them (transparent = white).
+        A tile given as None (not stored in the file) is white too.
+        """
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + side, self.width), min(y + side, self.height)
+        if x0 >= x1 or y0 >= y1 or x0 > x or y0 > y or x1 < x + side or y1 < y + side:
+            out[...] = 255
+        if x0 >= x1 or y0 >= y1:
+            return
+        th, tw = self.tile_h, self.tile_w
+        for row in range(y0 // th, (y1 - 1) // th + 1):
+            ty0, ty1 = max(y0, row * th), min(y1, (row + 1) * th)
+            for col in range(x0 // tw, (x1 - 1) // tw + 1):
+                tx0, tx1 = max(x0, col * tw), min(x1, (col + 1) * tw)
+                tile = tiles[row * self.tiles_across + col]
+                target = out[ty0 - y:ty1 - y, tx0 - x:tx1 - x]
+                target[...] = 255 if tile is None else tile[ty0 - row * th:ty1 - row * th, tx0 - col * tw:tx1 - col * tw]
+
     def stream(self, raw: bytes) -> bytes:
         """The decodable JPEG stream of one tile's stored bytes."""
         data = self.tables[:-2] + raw[2:] if self.tables else raw
         return rgb_jpeg(data) if self.rgb else data
+
+
+def open_jpeg_levels(path: Path, mpp: float | None) -> tuple[Any, list[JpegLevel | None]]:
+    """The OpenSlide reader of an SVS/generic TIFF (geometry, level choice) and each level's JPEG tiles.
+
+    Raises:
+        SlideOpenError: when the file is not an SVS/generic TIFF that OpenSlide and tifffile open.
+    """
+    import openslide
+    import tifffile
+
+    from slidemil.slide.readers import OpenSlideReader
+
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path)) if path.is_file() else None
+    except openslide.OpenSlideError:
+        vendor = None
+    if vendor not in TIFF_FORMATS:
+        raise SlideOpenError(f"{path.name}: not an SVS or generic tiled TIFF (OpenSlide format {vendor!r})")
+    reader = OpenSlideReader(path, mpp=mpp)
+    try:
+        return reader, probe_levels(path, reader.level_dimensions)
+    except (tifffile.TiffFileError, OSError, ValueError) as exc:
+        reader.close()
+        raise SlideOpenError(f"{path.name}: tifffile cannot read its pages: {exc}") from exc
 
 
 def probe_levels(path: str | Path, level_dimensions: list[tuple[int, int]]) -> list[JpegLevel | None]:
@@ -145,4 +204,4 @@ class TileFile:
             self._fd = None
 
 
-__all__ = ["ADOBE_RGB_SEGMENT", "JpegLevel", "TileFile", "probe_levels", "rgb_jpeg"]
+__all__ = ["ADOBE_RGB_SEGMENT", "JpegLevel", "TileFile", "open_jpeg_levels", "probe_levels", "rgb_jpeg"]

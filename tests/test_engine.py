@@ -1,0 +1,165 @@
+"""`slidemil score`: fidelity, heatmaps that find the lesion, outputs that line up, resumption."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from slidemil.cli import main
+from slidemil.engine.runners import RUNNERS, available_backends
+from slidemil.engine.score import ScoreConfig, score_slides
+from slidemil.slide.store import read_h5  # noqa: F401  (keeps the store importable beside the engine)
+from slidemil.slide.table import SlideEntry, select_shard
+from tests.engine_fixtures import lesion_fraction_of_tiles, make_package
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    model_dir, test_slide, truth = make_package(root)
+    slides = root / "slides"
+    slides.mkdir()
+    shutil.copy(test_slide, slides / "lesion.svs")
+    return model_dir, slides, truth
+
+
+@pytest.fixture(scope="module")
+def scored(package, tmp_path_factory):
+    model_dir, slides, _ = package
+    out = tmp_path_factory.mktemp("scored")
+    score_slides([model_dir], slides, out, ScoreConfig(backend="onnxruntime", device="cpu", top_k=4))
+    return out
+
+
+def test_attention_heatmap_is_highest_on_the_lesion(package, scored):
+    _, _, truth = package
+    sidecar = json.loads((scored / "heatmaps" / "lesion.json").read_text())
+    heat = np.load(scored / "heatmaps" / "lesion.npy")
+    cells = np.argwhere(np.isfinite(heat))
+    coords = cells[:, ::-1] * sidecar["stride_level0"]
+    lesion = lesion_fraction_of_tiles(truth, coords, sidecar["patch_size_level0"]) > 0.3
+    assert lesion.sum() >= 3
+    assert roc_auc_score(lesion, heat[cells[:, 0], cells[:, 1]]) >= 0.9
+    row = pd.read_csv(scored / "predictions.csv").iloc[0]
+    assert row.status == "ok" and row.pred_class == "tumour"
+    top = pd.read_csv(scored / "topk" / "lesion" / "index.csv")
+    top_lesion = lesion_fraction_of_tiles(truth, top[["x", "y"]].to_numpy(), sidecar["patch_size_level0"])
+    assert (top_lesion > 0).mean() >= 0.75
+
+
+def test_heatmap_and_geojson_line_up_with_the_grid(scored):
+    sidecar = json.loads((scored / "heatmaps" / "lesion.json").read_text())
+    heat = np.load(scored / "heatmaps" / "lesion.npy")
+    fc = json.loads((scored / "geojson" / "lesion.geojson").read_text())
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == int(np.isfinite(heat).sum())
+    size, stride = sidecar["patch_size_level0"], sidecar["stride_level0"]
+    for feature in fc["features"]:
+        ring = feature["geometry"]["coordinates"][0]
+        assert feature["geometry"]["type"] == "Polygon" and len(ring) == 5 and ring[0] == ring[-1]
+        (x, y), (x2, y2) = ring[0], ring[2]
+        assert (x2 - x, y2 - y) == (size, size) and x % stride == 0 and y % stride == 0
+        m = feature["properties"]["measurements"]
+        assert feature["properties"]["objectType"] == "tile"
+        assert m["attention"] == pytest.approx(float(heat[y // stride, x // stride]), abs=1e-6)
+        assert set(m) >= {"attention", "prob_normal", "prob_tumour"}
+    assert (scored / "heatmaps" / "lesion.png").stat().st_size > 1000
+
+
+def test_onnxruntime_matches_the_torch_path(package, scored, tmp_path):
+    model_dir, slides, _ = package
+    score_slides([model_dir], slides, tmp_path, ScoreConfig(backend="torch", device="cpu", top_k=0, geojson=False))
+    ort = pd.read_csv(scored / "predictions.csv").iloc[0]
+    pt = pd.read_csv(tmp_path / "predictions.csv").iloc[0]
+    assert abs(ort.prob_tumour - pt.prob_tumour) <= 1e-5 and ort.pred_class == pt.pred_class
+    np.testing.assert_allclose(np.load(scored / "heatmaps" / "lesion.npy"), np.load(tmp_path / "heatmaps" / "lesion.npy"),
+                               atol=1e-5)
+
+
+def test_bad_slides_are_rows_and_the_batch_goes_on(package, tmp_path, shared_data):
+    model_dir, slides, _ = package
+    mixed = tmp_path / "slides"
+    shutil.copytree(slides, mixed)
+    for name in ("unreadable.svs", "unopenable.tiff", "boxes.tiff"):
+        shutil.copy(shared_data / name, mixed / name)
+    out = tmp_path / "out"
+    assert main(["score", str(model_dir), str(mixed), "--out", str(out), "--backend", "onnxruntime",
+                 "--device", "cpu", "--top-k", "0"]) == 0
+    table = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+    assert table.loc["lesion", "status"] == "ok"
+    assert "unreadable.svs" in table.loc["unreadable", "error"]
+    assert "unopenable.tiff" in table.loc["unopenable", "error"]
+    assert "--slide-mpp" in table.loc["boxes", "error"]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["failures"] == 3 and summary["slides"] == 4
+
+
+def test_shards_cover_every_slide_once():
+    entries = [SlideEntry(f"s{i}", Path(f"s{i}.svs")) for i in range(11)]
+    shards = [select_shard(entries, f"{i}/4") for i in range(4)]
+    ids = [e.slide_id for shard in shards for e in shard]
+    assert sorted(ids) == sorted(e.slide_id for e in entries) and len(ids) == len(set(ids))
+
+
+def test_killed_run_resumes_to_the_same_outputs(package, tmp_path):
+    model_dir, slides, _ = package
+    many = tmp_path / "slides"
+    many.mkdir()
+    for i in range(3):
+        shutil.copy(slides / "lesion.svs", many / f"copy{i}.svs")
+    args = [sys.executable, "-m", "slidemil", "score", str(model_dir), str(many), "--backend", "onnxruntime",
+            "--device", "cpu", "--top-k", "2"]
+    ref = tmp_path / "ref"
+    subprocess.run(args + ["--out", str(ref)], check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "predictions.csv").is_file():
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    subprocess.run(args + ["--out", str(out)], check=True, capture_output=True)
+    assert not list(out.rglob(".tmp-*"))
+    a = pd.read_csv(ref / "predictions.csv").drop(columns=["seconds", "tiles_per_s"])
+    b = pd.read_csv(out / "predictions.csv").drop(columns=["seconds", "tiles_per_s"])
+    pd.testing.assert_frame_equal(a.sort_values("slide_id").reset_index(drop=True),
+                                  b.sort_values("slide_id").reset_index(drop=True))
+    for f in sorted(ref.rglob("*")):
+        if f.is_file() and f.suffix in (".npy", ".geojson", ".csv") and f.name != "predictions.csv":
+            assert (out / f.relative_to(ref)).read_bytes() == f.read_bytes(), f
+
+
+def test_ensemble_averages_members(package, tmp_path):
+    model_dir, slides, _ = package
+    twin = tmp_path / "twin"
+    shutil.copytree(model_dir, twin)
+    out = tmp_path / "out"
+    score_slides([model_dir, twin], slides, out, ScoreConfig(backend="onnxruntime", device="cpu", top_k=0))
+    row = pd.read_csv(out / "predictions.csv").iloc[0]
+    assert row[f"{model_dir.name}:prob_tumour"] == pytest.approx(row["twin:prob_tumour"])
+    assert row.prob_tumour == pytest.approx(row["twin:prob_tumour"])
+
+
+def test_auto_backend_picks_an_installed_cpu_runner():
+    names = available_backends("cpu")
+    assert names and all(n in RUNNERS for n in names) and "onnxruntime" in names
+
+
+def test_openvino_matches_onnxruntime(package, scored, tmp_path):
+    pytest.importorskip("openvino")
+    model_dir, slides, _ = package
+    for precision, tol in (("fp32", 1e-4), ("bf16", 1e-2)):
+        out = tmp_path / precision
+        score_slides([model_dir], slides, out, ScoreConfig(backend="openvino", device="cpu", precision=precision,
+                                                             top_k=0, geojson=False))
+        ov = pd.read_csv(out / "predictions.csv").iloc[0]
+        ref = pd.read_csv(scored / "predictions.csv").iloc[0]
+        assert abs(ov.prob_tumour - ref.prob_tumour) <= tol and ov.pred_class == ref.pred_class

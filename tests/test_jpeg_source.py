@@ -1,0 +1,317 @@
+"""The JPEG tile source against OpenSlide: real Aperio RGB JPEG, synthetic YCbCr slides, tiled TIFFs."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from slidemil.errors import SlideOpenError, SlideReadError
+from slidemil.slide.jpeg_source import JpegTileSource, area_resize
+from slidemil.slide.jpeg_tiff import ADOBE_RGB_SEGMENT, rgb_jpeg
+from slidemil.slide.reader import open_slide
+from slidemil.slide.sources import ReaderTileSource, open_tile_source
+
+# torchvision 0.29 marks its image decoders deprecated (in favour of TorchCodec) on every call.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+CMU = "CMU-1-Small-Region.svs"
+
+
+def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour gradients with fine noise: every JPEG block and chroma sample matters."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = np.stack([xx * 255 // width, yy * 255 // height, (xx + 2 * yy) % 256], -1).astype(np.uint8)
+    img = cv2.GaussianBlur(img, (0, 0), 3)
+    noise = rng.integers(-20, 21, img.shape)
+    return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+def _write_tiff(path: Path, img: np.ndarray, photometric: str = "ycbcr", levels: int = 3,
+                subsampling: tuple[int, int] = (2, 2), level_compression: tuple[str, ...] = ()) -> Path:
+    """A generic tiled TIFF pyramid (256 px tiles), each level half the previous (OpenSlide 'generic-tiff')."""
+    with tifffile.TiffWriter(path) as tw:
+        for i in range(levels):
+            compression = level_compression[i] if i < len(level_compression) else "jpeg"
+            kw = dict(tile=(256, 256), photometric="rgb", metadata=None, subfiletype=1 if i else 0,
+                      compression=compression)
+            if compression == "jpeg":
+                kw["compressionargs"] = {"outcolorspace": photometric}
+                kw["subsampling"] = subsampling
+            tw.write(img, **kw)
+            img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiffs(tmp_path_factory) -> dict[str, Path]:
+    """701 x 603 pyramids (partial edge tiles; level downsamples 2.003 and 4.01): YCbCr 2x2 and 1x1, RGB."""
+    out = tmp_path_factory.mktemp("jpeg_tiffs")
+    img = _image(603, 701)
+    return {
+        "ycbcr22": _write_tiff(out / "ycbcr22.tiff", img, "ycbcr", subsampling=(2, 2)),
+        "ycbcr11": _write_tiff(out / "ycbcr11.tiff", img, "ycbcr", subsampling=(1, 1)),
+        "rgb": _write_tiff(out / "rgb.tiff", img, "rgb"),
+    }
+
+
+def _both(path: Path, coords: np.ndarray, size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    coords = np.asarray(coords, dtype=np.int64)
+    with JpegTileSource(path) as src, open_slide(path) as reader:
+        return src.read(coords, size, out), reader.read_tiles(coords, size, out)
+
+
+def _grid(width: int, height: int, step: int, start: int = 0) -> np.ndarray:
+    return np.array([(x, y) for y in range(start, height, step) for x in range(start, width, step)], dtype=np.int64)
+
+
+def _random_coords(width: int, height: int, n: int, seed: int, margin: int = 120) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.c_[rng.integers(-margin, width, n), rng.integers(-margin, height, n)]
+
+
+# -- identity with OpenSlide ------------------------------------------------------------------
+
+def test_cmu_every_file_tile_is_identical(shared_data):
+    path = shared_data / CMU
+    page = tifffile.TiffFile(path).pages[0]
+    assert (page.tilewidth, page.tilelength, page.photometric, page.compression) == (240, 240, 2, 7)
+    coords = _grid(2220, 2967, 240)
+    assert len(coords) == 130  # 10 x 13 file tiles, edge tiles included
+    ours, theirs = _both(path, coords, 240, 240)
+    assert np.array_equal(ours, theirs)
+
+
+def test_cmu_unaligned_and_edge_tiles_are_identical(shared_data):
+    coords = np.vstack([_random_coords(2220, 2967, 40, seed=1), [[2100, 2900], [2219, 2966], [-5, -7], [3000, 10]]])
+    for size in (240, 300):
+        ours, theirs = _both(shared_data / CMU, coords, size, size)
+        assert np.array_equal(ours, theirs), size
+
+
+@pytest.mark.parametrize("kind", ["ycbcr22", "ycbcr11", "rgb"])
+def test_tiled_tiff_level0_identical_aligned_and_not(tiffs, kind):
+    aligned = _grid(701, 603, 256)
+    ours, theirs = _both(tiffs[kind], aligned, 256, 256)
+    assert np.array_equal(ours, theirs)
+    unaligned = np.vstack([_grid(701, 603, 224, start=37), _random_coords(701, 603, 20, seed=2)])
+    ours, theirs = _both(tiffs[kind], unaligned, 224, 224)
+    assert np.array_equal(ours, theirs)
+
+
+def test_synthetic_aperio_slide_identical_on_both_levels(synth_slide):
+    path, _ = synth_slide
+    with open_slide(path) as reader:
+        assert reader.vendor == "aperio" and reader.level_downsamples == [1.0, 4.0]
+    ours, theirs = _both(path, _grid(4096, 3072, 512, start=256)[::3], 256, 256)  # level 0
+    assert np.array_equal(ours, theirs)
+    ours, theirs = _both(path, _grid(4096, 3072, 1024)[::2], 1024, 256)  # level 1, aligned
+    assert np.array_equal(ours, theirs)
+
+
+def test_resized_tiles_within_tolerance(shared_data, tiffs):
+    # Level 0 only, 512 -> 256 with cv2 INTER_AREA on both sides.
+    ours, theirs = _both(shared_data / CMU, _random_coords(2220, 2967, 12, seed=3), 512, 256)
+    assert np.abs(ours.astype(int) - theirs).mean() <= 1
+    # Coarser levels with fractional level coordinates (downsample 2.003, 4.01): OpenSlide interpolates.
+    coords = _random_coords(701, 603, 16, seed=4)
+    for size, out in ((512, 256), (600, 150), (1024, 256), (100, 224)):
+        ours, theirs = _both(tiffs["ycbcr22"], coords, size, out)
+        diff = np.abs(ours.astype(int) - theirs)
+        assert diff.mean() <= 1 and diff.max() <= 3, (size, out, diff.mean(), diff.max())
+
+
+def test_non_jpeg_level_falls_back_to_openslide(tmp_path):
+    path = _write_tiff(tmp_path / "mixed.tiff", _image(300, 400), levels=2, level_compression=("jpeg", "lzw"))
+    assert JpegTileSource.supports(path, 256, 256)
+    assert not JpegTileSource.supports(path, 512, 256)  # read from the LZW level
+    ours, theirs = _both(path, np.array([[0, 0], [100, 50]]), 512, 256)
+    assert np.array_equal(ours, theirs)
+
+
+# -- choice of source -------------------------------------------------------------------------
+
+def test_supports_only_jpeg_tiled_svs_and_tiff(shared_data, tiffs, tmp_path):
+    assert JpegTileSource.supports(shared_data / CMU, 240, 240)
+    assert JpegTileSource.supports(tiffs["rgb"], 256, 256)
+    lzw = tmp_path / "lzw.tiff"
+    tifffile.imwrite(lzw, _image(300, 300), tile=(256, 256), compression="lzw", photometric="rgb")
+    for path in (shared_data / "boxes.tiff", lzw, shared_data / "bone-marrow-jpeg.dcm",
+                 shared_data / "he-tile-1000.png", shared_data / "unopenable.tiff", tmp_path / "absent.svs"):
+        assert not JpegTileSource.supports(path, 256, 256), path.name
+    with pytest.raises(SlideOpenError, match="boxes.tiff"):
+        JpegTileSource(shared_data / "boxes.tiff")
+
+
+def test_auto_prefers_jpeg_where_it_can(shared_data):
+    with open_tile_source(shared_data / CMU, None, 240, 240, kind="auto") as src:
+        assert isinstance(src, JpegTileSource) and src.source_name == "jpeg"
+    for name in ("boxes.tiff", "bone-marrow-jpeg.dcm"):
+        with open_tile_source(shared_data / name, 1.0, 64, 64, kind="auto") as src:
+            assert isinstance(src, ReaderTileSource), name
+    with open_tile_source(shared_data / CMU, None, 240, 240, kind="jpeg") as src:
+        assert isinstance(src, JpegTileSource)
+
+
+# -- corrupt data -----------------------------------------------------------------------------
+
+def test_corrupt_tile_is_a_read_error_naming_the_file(fixture_copy):
+    path = fixture_copy(CMU)
+    page = tifffile.TiffFile(path).pages[0]
+    offset = int(page.dataoffsets[5])
+    with open(path, "r+b") as f:  # overwrite the tile's marker segments after SOI
+        f.seek(offset + 2)
+        f.write(bytes(range(7, 207)))
+    with JpegTileSource(path) as src:
+        src.read(np.array([[0, 0]]), 240, 240)  # other tiles still read
+        with pytest.raises(SlideReadError, match=f"{path.name}.*tile 5"):
+            src.read(np.array([[0, 0], [5 * 240, 0]]), 240, 240)
+
+
+def test_unreadable_fixture_and_truncated_file_are_read_errors(shared_data, tiffs, tmp_path):
+    with JpegTileSource(shared_data / "unreadable.svs") as src:
+        with pytest.raises(SlideReadError, match="unreadable.svs"):
+            src.read(np.array([[0, 0]]), 16, 16)
+    path = tmp_path / "cut.tiff"
+    shutil.copy(tiffs["ycbcr22"], path)
+    with tifffile.TiffFile(path, mode="r+b") as tif:  # level 0's last tile now runs past the end of the file
+        counts = tif.pages[0].tags["TileByteCounts"]
+        counts.overwrite([*counts.value[:-1], 10**7])
+    with JpegTileSource(path) as src:
+        src.read(np.array([[0, 0]]), 256, 256)
+        with pytest.raises(SlideReadError, match="cut.tiff.*truncated"):
+            src.read(np.array([[600, 500]]), 256, 256)
+    with open(path, "r+b") as f:  # a cut file: OpenSlide refuses it already at open, as the reader does
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(SlideOpenError, match="cut.tiff"):
+        JpegTileSource(path)
+
+
+# -- decoding, caching, device pipeline -------------------------------------------------------
+
+def test_each_file_tile_decoded_once_per_pass(tiffs, monkeypatch):
+    coords = _grid(701 - 150, 603 - 150, 150, start=20)  # 4 x 3 output tiles straddling 3 x 2 file tiles
+    decoded: list[int] = []
+    with JpegTileSource(tiffs["ycbcr22"]) as src:
+        original = src._decode
+
+        def counting(level_index, level, indices, device):
+            decoded.extend(indices)
+            return original(level_index, level, indices, device)
+
+        monkeypatch.setattr(src, "_decode", counting)
+        for start in range(0, len(coords), 4):
+            src.read(coords[start:start + 4], 150, 150)
+    assert sorted(decoded) == [0, 1, 2, 3, 4, 5]
+
+
+def test_reader_threads_share_decoded_tiles(tiffs, monkeypatch):
+    # The engine deals batches round-robin to threads that each open a source: no tile is decoded twice.
+    path, coords = tiffs["ycbcr11"], _grid(701 - 150, 603 - 150, 150, start=20)
+    batches = [coords[i:i + 2] for i in range(0, len(coords), 2)]
+    decoded: list[int] = []
+    lock = threading.Lock()
+    original = JpegTileSource._decode
+
+    def counting(self, level_index, level, indices, device):
+        with lock:
+            decoded.extend(indices)
+        return original(self, level_index, level, indices, device)
+
+    monkeypatch.setattr(JpegTileSource, "_decode", counting)
+    results: dict[int, np.ndarray] = {}
+
+    def work(worker: int, threads: int) -> None:
+        with JpegTileSource(path) as src:
+            for k in range(worker, len(batches), threads):
+                results[k] = src.read(batches[k], 150, 150)
+
+    pool = [threading.Thread(target=work, args=(w, 3)) for w in range(3)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert sorted(decoded) == [0, 1, 2, 3, 4, 5]
+    with open_slide(path) as reader:
+        assert np.array_equal(np.concatenate([results[k] for k in range(len(batches))]),
+                              reader.read_tiles(coords, 150, 150))
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_decode_does_not_block_other_threads(fixture_copy):
+    path = fixture_copy(CMU)
+    offset = int(tifffile.TiffFile(path).pages[0].dataoffsets[1])
+    with open(path, "r+b") as f:
+        f.seek(offset + 2)
+        f.write(bytes(range(7, 207)))
+    errors: list[Exception] = []
+    start = threading.Barrier(2)
+
+    def work() -> None:
+        with JpegTileSource(path) as src:
+            start.wait()
+            try:
+                src.read(np.array([[120, 0], [360, 0]]), 240, 240)  # both straddle the corrupt tile 1
+            except SlideReadError as exc:
+                errors.append(exc)
+
+    pool = [threading.Thread(target=work) for _ in range(2)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert len(errors) == 2 and all("tile 1" in str(e) for e in errors)
+
+
+def test_rgb_jpeg_marks_components_as_rgb():
+    import imagecodecs
+    jfif = imagecodecs.jpeg8_encode(_image(16, 16), level=90)  # JFIF APP0, YCbCr
+    out = rgb_jpeg(jfif)
+    assert out.startswith(b"\xff\xd8" + ADOBE_RGB_SEGMENT)
+    assert out.count(b"JFIF\x00") == 0 and out.count(b"Adobe") == 1
+    assert len(out) == len(jfif) + len(ADOBE_RGB_SEGMENT) - 18  # the 18-byte JFIF segment is gone
+
+
+def test_device_pipeline_on_cpu_matches_read(shared_data, tiffs):
+    # The tensor pipeline of read_device (assembly, sub-pixel shift, area resize), run on the CPU.
+    cpu = torch.device("cpu")
+    with JpegTileSource(shared_data / CMU) as src:
+        coords = _random_coords(2220, 2967, 10, seed=5)
+        assert torch.equal(src._read_torch(coords, 240, 240, cpu), torch.from_numpy(src.read(coords, 240, 240)))
+        tiles = src.read_device(coords, 240, 240, "cpu")
+        assert tiles.dtype == torch.uint8 and tiles.shape == (10, 240, 240, 3)
+    with JpegTileSource(tiffs["ycbcr22"]) as src:
+        coords = _random_coords(701, 603, 10, seed=6)
+        for size, out in ((1024, 256), (443, 224), (100, 224)):
+            diff = (src._read_torch(coords, size, out, cpu).int() - torch.from_numpy(src.read(coords, size, out)).int())
+            assert diff.abs().max() <= 1, (size, out)
+
+
+@pytest.mark.parametrize(("n", "m"), [(443, 224), (512, 256), (100, 224)])
+def test_area_resize_matches_opencv(n, m):
+    batch = np.random.default_rng(n).integers(0, 256, (2, n, n, 3), dtype=np.uint8)
+    ours = area_resize(torch.from_numpy(batch), m).numpy().astype(int)
+    ref = np.stack([cv2.resize(t, (m, m), interpolation=cv2.INTER_AREA) for t in batch])
+    assert np.abs(ours - ref).max() <= 1
+
+
+@pytest.mark.gpu
+def test_nvjpeg_tiles_on_the_device_match_the_cpu(shared_data, synth_slide):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for path, size, out in ((shared_data / CMU, 240, 240), (shared_data / CMU, 448, 224), (synth_slide[0], 256, 256),
+                            (synth_slide[0], 1024, 256)):
+        with JpegTileSource(path) as src:
+            coords = _random_coords(2000, 2000, 64, seed=7)
+            tiles = src.read_device(coords, size, out, "cuda")
+            assert tiles.device.type == "cuda" and tiles.dtype == torch.uint8 and tiles.shape == (64, out, out, 3)
+            ref = torch.from_numpy(src.read(coords, size, out)).cuda()
+            # nvJPEG's IDCT and chroma upsampling are not libjpeg's: about one grey level apart.
+            assert (tiles.int() - ref.int()).abs().float().mean() <= 1.5, (path.name, size, out)
