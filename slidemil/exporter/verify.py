@@ -1,0 +1,359 @@
+"""Fidelity of exported models, measured on real tiles, and ``slidemil verify``.
+
+A candidate (ONNX Runtime, OpenVINO, TensorRT, or torch at reduced precision) is compared with a
+reference (torch fp32 at export; ONNX Runtime fp32 for the other backends) on tiles cut from a
+synthetic slide with the package's own tiling (random tiles only when the slide synthesiser is not
+available), through the backbone at several batch sizes and the head on bags of several sizes:
+
+- ``features``: max abs / relative difference and the lowest cosine similarity per tile;
+- ``end_to_end``: bags of the real tiles, each side running its own backbone then its own head;
+- ``head``: bags of resampled real features with noise (1, 500, 20,000 tiles), same input to both heads;
+- ``probabilities`` and ``argmax_agreement`` over all bags, against the tolerance of the precision.
+
+"Relative" differences are the max abs difference over the largest reference magnitude.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from slidemil.engine.runners import Runner
+from slidemil.errors import BackendUnavailableError, ExportError
+from slidemil.exporter.onnx import HEAD_OUTPUTS
+from slidemil.exporter.package import Package, load_package
+from slidemil.slide.tiling import TilingConfig
+
+log = logging.getLogger(__name__)
+
+FP32_TOLERANCE = 1e-4  # |d probability| above this fails an export
+HALF_TOLERANCE = 1e-2  # fp16 / bf16
+FIDELITY_TARGET = 1e-5  # the design's ONNX-vs-torch target, reported beside the figures
+MIN_ARGMAX_AGREEMENT = 0.999
+SYNTH_MPP = 0.5
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    """How parity is measured.
+
+    Attributes:
+        n_tiles: real tiles cut from the slide.
+        batch_sizes: backbone batch sizes checked (dynamic batch axis).
+        bag_sizes: sizes of the random bags given to both heads (dynamic bag axis).
+        n_slide_bags: random subsets of the real tiles scored end to end, besides the whole set.
+        seed: tiles, bags and the synthetic slide follow from it.
+        slide: a slide file to cut tiles from instead of a synthetic one.
+    """
+
+    n_tiles: int = 64
+    batch_sizes: tuple[int, ...] = (1, 7, 64)
+    bag_sizes: tuple[int, ...] = (1, 500, 20_000)
+    n_slide_bags: int = 32
+    seed: int = 0
+    slide: str | None = None
+
+
+class RunnerPair(NamedTuple):
+    """The two models of a package on one backend."""
+
+    backbone: Runner
+    head: Runner
+
+    def close(self) -> None:
+        self.backbone.close()
+        self.head.close()
+
+
+def tolerance_for(precision: str) -> float:
+    return FP32_TOLERANCE if precision == "fp32" else HALF_TOLERANCE
+
+
+# --- tiles -------------------------------------------------------------------------------------------
+
+def parity_tiles(tiling: TilingConfig, tile_px: int, n: int, slide: str | Path | None = None,
+                 seed: int = 0) -> tuple[np.ndarray, str]:
+    """``n`` uint8 tiles (n, tile_px, tile_px, 3) cut from ``slide`` or a synthetic slide, and their source.
+
+    The slide is tiled with ``tiling`` (tissue detection and grid, as the engine does).
+    """
+    if slide is not None:
+        return _cut_tiles(Path(slide), tiling, tile_px, n, seed), f"slide {Path(slide).name}"
+    try:
+        from slidemil.slide.synth import slide_rng, write_slide
+    except ImportError as exc:
+        log.warning("slide synthesiser unavailable (%s): parity on random tiles", exc)
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, 256, (n, tile_px, tile_px, 3), dtype=np.uint8), "random tiles"
+    size_level0 = tiling.tile.size_level0(SYNTH_MPP)
+    side = math.sqrt(4 * n * 4 / 3) * size_level0  # ~4 grid cells per wanted tile: tissue covers ~half
+    size = int(min(8192, max(1024, math.ceil(side / 256) * 256)))
+    with tempfile.TemporaryDirectory(prefix="slidemil-parity-") as tmp:
+        path = Path(tmp) / "parity.svs"
+        write_slide(path, size=size, label=1, n_classes=2, lesion_fraction=0.05, rng=slide_rng(seed, 0),
+                    mpp=SYNTH_MPP)
+        return _cut_tiles(path, tiling, tile_px, n, seed), f"synthetic slide ({size} px, seed {seed})"
+
+
+def _cut_tiles(path: Path, tiling: TilingConfig, tile_px: int, n: int, seed: int) -> np.ndarray:
+    from dataclasses import replace
+
+    from slidemil.slide.reader import open_slide
+    from slidemil.slide.tiling import plan_tiles
+
+    if tiling.tissue.method == "mask":  # user masks are per slide; any other slide is tiled by colour
+        tiling = replace(tiling, tissue=replace(tiling.tissue, method="otsu", mask_dir=None))
+    rng = np.random.default_rng(seed)
+    with open_slide(path) as reader:
+        grid = plan_tiles(reader, tiling).grid
+        if len(grid) == 0:
+            raise ExportError(f"{path.name} has no tissue tiles for the parity check; give another slide")
+        pick = np.sort(rng.choice(len(grid), size=min(n, len(grid)), replace=False))
+        tiles = reader.read_tiles(grid.coords[pick], grid.patch_size_level0, tile_px)
+    extra = [np.rot90(tiles[i % len(tiles)], k=1 + (i // len(tiles)) % 3) for i in range(n - len(tiles))]
+    return np.ascontiguousarray(np.concatenate([tiles, np.stack(extra)]) if extra else tiles)
+
+
+# --- comparisons --------------------------------------------------------------------------------------
+
+def difference(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """Max abs difference, and the same over the largest reference magnitude."""
+    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    if ref.shape != out.shape:
+        raise ExportError(f"shape mismatch in parity check: {ref.shape} vs {out.shape}")
+    if not np.isfinite(out).all():
+        return {"max_abs": math.inf, "max_rel": math.inf}
+    d = float(np.abs(ref - out).max()) if ref.size else 0.0
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    return {"max_abs": d, "max_rel": d / scale if scale > 0 else d}
+
+
+def _worst(*diffs: dict[str, float]) -> dict[str, float]:
+    return {k: max(d[k] for d in diffs) for k in diffs[0]}
+
+
+def _min_cosine(ref: np.ndarray, out: np.ndarray) -> float:
+    num = (ref * out).sum(axis=1)
+    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    return float(np.min(num / np.maximum(den, 1e-30)))
+
+
+def run_backbone(runner: Runner, tiles: np.ndarray, batch: int) -> np.ndarray:
+    """Features (N, D) of ``tiles`` in batches of ``batch``."""
+    return np.concatenate([runner.infer({"tiles": tiles[i:i + batch]})["features"]
+                           for i in range(0, len(tiles), batch)])
+
+
+def _score(runner: Runner, bags: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    return [runner.infer({"features": np.ascontiguousarray(bag, dtype=np.float32)}) for bag in bags]
+
+
+def compare_bags(ref: list[dict[str, np.ndarray]], out: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Head outputs of the same bags, reference vs candidate."""
+    figures: dict[str, Any] = {name: _worst(*(difference(r[name], o[name]) for r, o in zip(ref, out)))
+                               for name in HEAD_OUTPUTS if name != "attention_raw"}
+    agree = [int(np.argmax(r["probabilities"]) == np.argmax(o["probabilities"])) for r, o in zip(ref, out)]
+    figures.update(argmax_agreement=float(np.mean(agree)), n_bags=len(agree))
+    return figures
+
+
+def measure_parity(ref: RunnerPair, cand: RunnerPair, tiles: np.ndarray, cfg: ParityConfig,
+                   tolerance: float) -> dict[str, Any]:
+    """Parity figures of ``cand`` against ``ref`` on ``tiles`` (see the module docstring)."""
+    rng = np.random.default_rng(cfg.seed)
+    biggest = max(cfg.batch_sizes)
+    ref_feats = run_backbone(ref.backbone, tiles, biggest)
+    cand_feats = run_backbone(cand.backbone, tiles, biggest)
+    per_batch = [difference(ref_feats[:b], cand.backbone.infer({"tiles": tiles[:b]})["features"])
+                 for b in cfg.batch_sizes if b < biggest]
+    features = {**_worst(difference(ref_feats, cand_feats), *per_batch),
+                "min_cosine": _min_cosine(ref_feats, cand_feats), "batch_sizes": list(cfg.batch_sizes)}
+    n = len(tiles)
+    subsets = [np.arange(n)] + [rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False)
+                                for _ in range(cfg.n_slide_bags)]
+    end_to_end = compare_bags(_score(ref.head, [ref_feats[i] for i in subsets]),
+                              _score(cand.head, [cand_feats[i] for i in subsets]))
+    spread = ref_feats.std(axis=0, keepdims=True) + 1e-6
+    bags = [ref_feats[rng.integers(0, n, size)] + 0.5 * spread * rng.standard_normal((size, ref_feats.shape[1]))
+            for size in cfg.bag_sizes]
+    head = {**compare_bags(_score(ref.head, bags), _score(cand.head, bags)), "bag_sizes": list(cfg.bag_sizes)}
+    probabilities = _worst(end_to_end["probabilities"], head["probabilities"])
+    n_bags = end_to_end["n_bags"] + head["n_bags"]
+    agreement = (end_to_end["argmax_agreement"] * end_to_end["n_bags"]
+                 + head["argmax_agreement"] * head["n_bags"]) / n_bags
+    passed = probabilities["max_abs"] <= tolerance and agreement >= MIN_ARGMAX_AGREEMENT
+    return {"features": features, "end_to_end": end_to_end, "head": head, "probabilities": probabilities,
+            "argmax_agreement": agreement, "n_bags": n_bags, "tolerance": tolerance, "passed": bool(passed)}
+
+
+def summary(figures: dict[str, Any]) -> str:
+    """One line: |dprob|, features, argmax agreement, verdict."""
+    return (f"|d prob| {figures['probabilities']['max_abs']:.2e} (tolerance {figures['tolerance']:.0e}), "
+            f"|d feature| {figures['features']['max_abs']:.2e} (rel {figures['features']['max_rel']:.2e}, "
+            f"min cosine {figures['features']['min_cosine']:.6f}), argmax agreement "
+            f"{figures['argmax_agreement']:.4f} over {figures['n_bags']} bags: "
+            f"{'passed' if figures['passed'] else 'FAILED'}")
+
+
+# --- runners of a package ---------------------------------------------------------------------------
+
+def open_runners(pkg: Package, backend: str, precision: str = "fp32", device: str = "cpu") -> RunnerPair:
+    """The package's backbone and head on ``backend`` (torch, onnxruntime, openvino, tensorrt)."""
+    if backend == "torch":
+        from slidemil.engine.runners import TorchRunner
+        from slidemil.exporter.package import load_torch_models
+        backbone, head = load_torch_models(pkg)
+        return RunnerPair(TorchRunner(backbone, ["tiles"], ["features"], device=device, precision=precision),
+                          TorchRunner(head, ["features"], HEAD_OUTPUTS, device=device, precision=precision,
+                                      channels_last=False))
+    if backend == "onnxruntime":
+        from slidemil.engine.runners import OnnxRuntimeRunner
+        return RunnerPair(*(OnnxRuntimeRunner(pkg.graph(k, precision), device=device) for k in ("backbone", "head")))
+    if backend == "openvino":
+        from slidemil.engine.openvino_runner import OpenVinoRunner
+        return RunnerPair(*(OpenVinoRunner(pkg.graph(k), precision=precision) for k in ("backbone", "head")))
+    if backend == "tensorrt":
+        from slidemil.engine.tensorrt_runner import TensorRTRunner, check_engine_compatible
+        check_engine_compatible(pkg)
+        return RunnerPair(*(TensorRTRunner(pkg.engine(k, precision), device=device) for k in ("backbone", "head")))
+    raise BackendUnavailableError(f"unknown backend {backend!r}; use torch, onnxruntime, openvino or tensorrt")
+
+
+# --- slidemil verify ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    """One check of ``verify``: status ``ok``, ``failed`` or ``skipped``, with what was seen."""
+
+    name: str
+    status: str
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_package`` found; ``ok`` is False when a check or the parity failed."""
+
+    root: Path
+    backend: str
+    precision: str
+    checks: list[Check] = field(default_factory=list)
+    parity: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != "failed" for c in self.checks) and (self.parity is None or self.parity["passed"])
+
+    def lines(self) -> list[str]:
+        out = [f"{c.status:>7}  {c.name}: {c.detail}" for c in self.checks]
+        if self.parity is not None:
+            out.append(f"{'ok' if self.parity['passed'] else 'failed':>7}  parity {self.parity['candidate']} vs "
+                       f"{self.parity['reference']} on {self.parity['tiles']}: {summary(self.parity)}")
+        return out
+
+
+def verify_package(root: str | Path, backend: str = "onnxruntime", precision: str = "auto", device: str = "cpu",
+                   parity: ParityConfig | None = ParityConfig()) -> VerifyReport:
+    """Check a package: schema and checksums, a smoke inference of every graph, engine and torch
+    weights present, and the parity of ``backend`` at ``precision``.
+
+    The reference is torch fp32 for ``onnxruntime`` and ONNX Runtime fp32 for the other backends.
+
+    Raises:
+        PackageError: unknown schema, missing or tampered file.
+    """
+    pkg = load_package(root)
+    report = VerifyReport(pkg.root, backend, precision, [Check(
+        "schema and checksums", "ok", f"schema {pkg.manifest.schema_version}, {len(pkg.manifest.files)} files")])
+    report.checks.extend(smoke_test(pkg))
+    if parity is not None:
+        report.parity = backend_parity(pkg, backend, precision, device, parity)
+        report.precision = report.parity["precision"]
+    return report
+
+
+def smoke_test(pkg: Package) -> list[Check]:
+    """Run every graph, engine and the torch weights of ``pkg`` once on small inputs."""
+    targets = [(f"onnx {p} graphs (onnxruntime cpu)", "onnxruntime", p)
+               for p in pkg.precisions("backbone") if p in pkg.precisions("head")]
+    targets.append(("torch weights", "torch", "fp32"))
+    targets += [(f"tensorrt {p} engines", "tensorrt", p) for p in pkg.precisions("backbone", fmt="tensorrt")]
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (2, pkg.tile_px, pkg.tile_px, 3), dtype=np.uint8)
+    features = rng.standard_normal((7, pkg.card.feature_dim)).astype(np.float32)
+    checks = []
+    for name, backend, precision in targets:
+        try:
+            pair = open_runners(pkg, backend, precision, "cuda" if backend == "tensorrt" else "cpu")
+        except BackendUnavailableError as exc:
+            checks.append(Check(name, "skipped", str(exc)))
+            continue
+        try:
+            problems = _smoke(pair, tiles, features, len(pkg.class_names))
+        except Exception as exc:  # backends raise their own types; the failure is recorded, not hidden
+            problems = [f"{type(exc).__name__}: {exc}"]
+        finally:
+            pair.close()
+        checks.append(Check(name, "failed" if problems else "ok", "; ".join(problems) or
+                            f"tiles {tiles.shape} -> features, bag of {len(features)} -> {len(pkg.class_names)} classes"))
+    return checks
+
+
+def _smoke(pair: RunnerPair, tiles: np.ndarray, features: np.ndarray, n_classes: int) -> list[str]:
+    problems = []
+    feats = pair.backbone.infer({"tiles": tiles})["features"]
+    if feats.shape != (len(tiles), features.shape[1]) or not np.isfinite(feats).all():
+        problems.append(f"backbone gave {feats.shape} (finite: {bool(np.isfinite(feats).all())})")
+    out = pair.head.infer({"features": features})
+    want = {"logits": (n_classes,), "probabilities": (n_classes,), "attention": (len(features),),
+            "attention_raw": (len(features),)}
+    for name, shape in want.items():
+        if name not in out or out[name].shape != shape or not np.isfinite(out[name]).all():
+            problems.append(f"head output {name}: {getattr(out.get(name), 'shape', 'missing')}, want {shape}")
+    for name in ("probabilities", "attention"):
+        if name in out and abs(float(out[name].sum()) - 1.0) > 1e-3:
+            problems.append(f"head {name} sum to {float(out[name].sum()):.4f}, not 1")
+    return problems
+
+
+def backend_parity(pkg: Package, backend: str, precision: str, device: str, cfg: ParityConfig) -> dict[str, Any]:
+    """Parity of ``backend`` against the reference (torch fp32 for onnxruntime, else ONNX Runtime fp32)."""
+    precision = resolve_precision(pkg, backend, precision)
+    ref_backend = "torch" if backend == "onnxruntime" else "onnxruntime"
+    cand = open_runners(pkg, backend, precision, "cuda" if backend == "tensorrt" else device)
+    ref = open_runners(pkg, ref_backend, "fp32", "cpu")
+    try:
+        precision = str(getattr(cand.backbone, "precision", precision))  # OpenVINO resolves "auto" itself
+        cfg = fit_profiles(cfg, pkg.manifest.max_batch, (pkg.manifest.tensorrt or {}) if backend == "tensorrt" else {})
+        tiles, source = parity_tiles(pkg.tiling, pkg.tile_px, cfg.n_tiles, cfg.slide, cfg.seed)
+        figures = measure_parity(ref, cand, tiles, cfg, tolerance_for(precision))
+    finally:
+        cand.close()
+        ref.close()
+    return {"reference": f"{ref_backend} fp32 (cpu)", "candidate": f"{backend} {precision}", "precision": precision,
+            "tiles": source, **figures}
+
+
+def resolve_precision(pkg: Package, backend: str, precision: str) -> str:
+    """``auto``: fp16 TensorRT engines where built, OpenVINO's own choice (bf16 on AMX), else fp32."""
+    if precision != "auto" or backend == "openvino":
+        return precision
+    if backend == "tensorrt" and "fp16" in pkg.precisions(fmt="tensorrt"):
+        return "fp16"
+    return "fp32"
+
+
+def fit_profiles(cfg: ParityConfig, max_batch: int, tensorrt: dict[str, Any]) -> ParityConfig:
+    """Batch and bag sizes capped by the package's max batch and the TensorRT profiles."""
+    from dataclasses import replace
+    profiles = tensorrt.get("profiles", {})
+    max_batch = min([max_batch] + [p["max"][0] for p in profiles.get("backbone", {}).values()])
+    max_bag = min([max(cfg.bag_sizes)] + [p["max"][0] for p in profiles.get("head", {}).values()])
+    return replace(cfg, batch_sizes=tuple(sorted({min(b, max_batch) for b in cfg.batch_sizes})),
+                   bag_sizes=tuple(sorted({min(b, max_bag) for b in cfg.bag_sizes})))
