@@ -28,3 +28,4 @@ test-slurm: install
 
 lint:
 	$(PYTHON) -m ruff check slidemil tests bench
+	hadolint docker/Dockerfile docker/Dockerfile.cpu

@@ -106,19 +106,20 @@ def open_ms(path: Path, kind: str, size: int, out: int, runs: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=8192, help="slide width in px (height is 3/4)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--slide", type=Path, help="use this slide instead of making one")
-    args = parser.parse_args()
+    parser.add_argument("--sources", nargs="+", default=["openslide", "jpeg"], choices=["openslide", "jpeg"])
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision 0.29 decoders
     torch.set_num_threads(1)
 
-    sources = [("openslide", None), ("jpeg", None)]
-    if torch.cuda.is_available():
+    sources: list[tuple[str, str | None]] = [(name, None) for name in args.sources]
+    if torch.cuda.is_available() and "jpeg" in args.sources:
         sources.append(("jpeg", "cuda"))
     with tempfile.TemporaryDirectory() as tmp:
         path = args.slide or make_slide(Path(tmp), args.size)

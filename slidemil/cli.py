@@ -149,8 +149,10 @@ def _load_command_modules() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Our own messages at INFO; third-party libraries (exporters, optimisers) only when they warn.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("slidemil").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return COMMANDS[args.command].run(args)
     except SlidemilError as exc:

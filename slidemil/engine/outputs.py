@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from slidemil.atomic import TMP_MARK, atomic_path, write_json
+from slidemil.atomic import TMP_MARK, atomic_path, file_lock, write_json
 from slidemil.engine.heatmap import attention_grid, grid_sidecar, grid_to_pixels, overlay_png
 from slidemil.slide.grid import TileGrid
 from slidemil.slide.tiling import write_png
@@ -275,12 +275,17 @@ class PredictionsTable:
         self.class_names = list(class_names)
         self.columns = (["slide_id", "status", "error", "pred_class", "pred_index"]
                         + [f"prob_{c}" for c in self.class_names] + ["n_tiles", "seconds", "tiles_per_s"])
-        self.rows: dict[str, dict[str, Any]] = {}
+        self.rows: dict[str, dict[str, Any]] = self._read()
+        self._mine: set[str] = set()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
         if self.csv_path.is_file():
             old = pd.read_csv(self.csv_path, dtype={c: str for c in TEXT_COLUMNS})
             for row in old.to_dict("records"):  # extra columns a row never had come back empty: drop them
                 cells = {k: _cell(k, v) for k, v in row.items()}
-                self.rows[cells["slide_id"]] = {k: v for k, v in cells.items() if k in self.columns or v is not None}
+                rows[cells["slide_id"]] = {k: v for k, v in cells.items() if k in self.columns or v is not None}
+        return rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -293,7 +298,10 @@ class PredictionsTable:
         """Add (or replace) the row of ``row['slide_id']`` and rewrite both files."""
         clean = {c: _cell(c, None) for c in self.columns} | {k: _cell(k, v) for k, v in row.items()}
         self.rows[clean["slide_id"]] = clean
-        self.flush()
+        self._mine.add(clean["slide_id"])
+        with file_lock(self.csv_path):  # shards of one job (SLURM arrays) share the table
+            self.rows = {**self._read(), **{k: v for k, v in self.rows.items() if k in self._mine}}
+            self.flush()
 
     record = append  # same verb as slidemil.batch.BatchLog
 

@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +209,5 @@ class TilePipeline:
 
 
 def _close_when_done(futures: list[Future[np.ndarray]], sources: _SourcePool) -> None:
-    for f in futures:
-        f.exception()  # waits; errors are raised to the consumer, not here
+    wait(futures)  # errors are raised to the consumer, not here
     sources.close()

@@ -158,6 +158,7 @@ class OnnxRuntimeRunner(Runner):
         else:
             providers = ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+        self.precision = "fp16" if "fp16" in Path(model_path).name else "fp32"
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self._ort = ort
 

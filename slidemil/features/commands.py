@@ -25,7 +25,8 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="end-to-end checkpoint whose fine-tuned backbone to use")
     p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"])
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp16 on a GPU, bf16 with OpenVINO where the CPU has it, else fp32 (recorded in the h5)")
     p.add_argument("--limit-tiles", type=int, help="at most this many tiles per slide (quick looks)")
     add_reading_options(p)
     add_tiling_options(p)

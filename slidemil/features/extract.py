@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from slidemil.atomic import write_text
@@ -44,8 +45,9 @@ class ExtractConfig:
     weights: str | None = None
     checkpoint: str | None = None
     backend: str = "torch"
+    seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     reading: PipelineConfig = PipelineConfig()
     tiling: TilingConfig = field(default_factory=TilingConfig)
 
@@ -60,6 +62,7 @@ def prepare_backbone(cfg: ExtractConfig, out_dir: Path) -> tuple[UInt8Backbone, 
         from slidemil.trainer.checkpoint import load_checkpoint_backbone
         model, card = load_checkpoint_backbone(cfg.checkpoint)
     else:
+        torch.manual_seed(cfg.seed)  # random weights are then the same in every shard of an array job
         model, card = create_backbone(cfg.backbone, cfg.weights)
     folder = out_dir / BACKBONE_DIR
     existing = folder / "backbone_card.json"
@@ -79,22 +82,22 @@ def prepare_backbone(cfg: ExtractConfig, out_dir: Path) -> tuple[UInt8Backbone, 
 
 
 def build_backbone_runner(module: nn.Module, card: BackboneCard, backend: str, device: str, precision: str,
-                          work_dir: Path) -> Runner:
-    """A runner for the uint8 backbone on any backend (ONNX backends export the graph first)."""
+                          work_dir: Path, tile_px: int) -> Runner:
+    """A runner for the uint8 backbone on any backend (ONNX backends export the graph first, for ``tile_px`` tiles)."""
     device = resolve_device(device)
     backend = choose_backend(backend, device)
     if backend == "torch":
         return TorchRunner(module, ["tiles"], ["features"], device=device, precision=precision)
     from slidemil.exporter.onnx import export_backbone
-    onnx_path = work_dir / "backbone.onnx"
+    onnx_path = work_dir / f"backbone_{tile_px}px.onnx"
     if not onnx_path.is_file():
-        export_backbone(module, onnx_path, card.input_size)
+        export_backbone(module, onnx_path, tile_px)
     if backend == "onnxruntime":
         from slidemil.engine.runners import OnnxRuntimeRunner
         return OnnxRuntimeRunner(onnx_path, device=device)
     if backend == "openvino":
         from slidemil.engine.openvino_runner import OpenVinoRunner
-        return OpenVinoRunner(onnx_path, precision="auto" if precision == "fp32" else precision)
+        return OpenVinoRunner(onnx_path, precision=precision)
     raise ConfigError(f"backend {backend!r} cannot extract features; use torch, onnxruntime or openvino")
 
 
@@ -120,6 +123,8 @@ def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig
     entries = select_shard(load_slides(slides, slide_mpp), shard)
     if coords_dir is not None:
         entries = [e for e in entries if _has_coords(Path(coords_dir), e.slide_id)] or entries
+    if coords_dir is not None:
+        cfg = replace(cfg, tiling=load_tiling(coords_dir))
     module, card = prepare_backbone(cfg, out)
     save_config(cfg, out / "extract_config.json", slides=str(slides), coords=str(coords_dir), backbone_card=card.to_dict())
     record_tiling(out, cfg.tiling, coords_dir)
@@ -130,9 +135,11 @@ def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig
         log.info("all %d slides already have features in %s", len(entries), out)
         return batch
     planner = plan_from_coords(Path(coords_dir)) if coords_dir is not None else None
-    with build_backbone_runner(module, card, cfg.backend, cfg.device, cfg.precision, out / BACKBONE_DIR) as runner, \
+    with build_backbone_runner(module, card, cfg.backend, cfg.device, cfg.precision, out / BACKBONE_DIR,
+                               cfg.tiling.tile.patch_size) as runner, \
             TilePipeline(cfg.reading, cfg.tiling, planner) as pipeline:
-        extra = {"precision": cfg.precision, "backend": runner.describe(), "weights_sha256": card.weights_sha256}
+        extra = {"precision": getattr(runner, "precision", "fp32"), "backend": runner.describe(),
+                 "weights_sha256": card.weights_sha256}
         for stream in pipeline.run(todo):
             batch.record(_extract_one(stream, runner, card, out, extra))
     return batch

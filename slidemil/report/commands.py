@@ -1,0 +1,47 @@
+"""CLI shims of `slidemil evaluate` and `slidemil report`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from slidemil.cli import command
+
+log = logging.getLogger("slidemil")
+
+
+def _evaluate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("predictions", type=Path, help="predictions.csv of `slidemil score` (or test_predictions.csv)")
+    p.add_argument("--labels", type=Path, required=True, help="label table: slide_id,label[,patient_id]")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, evaluated.csv and plots/")
+    p.add_argument("--by", choices=["slide", "patient"], default="slide",
+                   help="score slides, or patients by the mean probability of their slides (slide)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% intervals; 0: none")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    p.add_argument("--no-plots", action="store_true", help="skip the ROC, PR, confusion and reliability plots")
+
+
+@command("evaluate", "metrics with bootstrap confidence intervals of predictions against a label table", _evaluate_options)
+def _evaluate(args: argparse.Namespace) -> int:
+    from slidemil.report.evaluate import evaluate_predictions
+    result = evaluate_predictions(args.predictions, args.labels, args.out, by=args.by, n_boot=args.bootstrap,
+                                  seed=args.seed, plots=not args.no_plots)
+    log.info("metrics of %s\n%s\nwritten to %s", args.predictions, result["table"], args.out / "metrics.json")
+    return 0
+
+
+def _report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=Path, help="training run, k-fold root, or output folder of `slidemil score`")
+    p.add_argument("--labels", type=Path, help="label table slide_id,label[,patient_id] (metrics of scored slides)")
+    p.add_argument("--out", type=Path, required=True, help="report folder (index.html, plots/, thumbs/)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% intervals; 0: none")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+
+
+@command("report", "static HTML report of a training run, k-fold run or scoring output", _report_options)
+def _report(args: argparse.Namespace) -> int:
+    from slidemil.report.report import build_report
+    index = build_report(args.folder, args.out, labels_csv=args.labels, n_boot=args.bootstrap, seed=args.seed)
+    log.info("open %s", index.resolve().as_uri())
+    return 0
