@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from slidemil.models.backbones import BackboneCard
 
@@ -71,10 +72,26 @@ class UInt8Backbone(nn.Module):
                              persistent=False)
         self.register_buffer("std", torch.tensor(card.std, dtype=torch.float32).reshape(1, 1, 1, 3),
                              persistent=False)
+        self.fixed_size = card.input_size if needs_fixed_input_size(backbone) else None
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, D) float32."""
         param = next(self.backbone.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        features = self.backbone(normalise_uint8(tiles, self.mean, self.std, dtype=dtype))
-        return features.float()
+        x = normalise_uint8(tiles, self.mean, self.std, dtype=dtype)
+        if self.fixed_size is not None and tuple(x.shape[-2:]) != (self.fixed_size, self.fixed_size):
+            # Models with a fixed token grid (ViTs) see tiles resized to their card's size, as TRIDENT does.
+            x = F.interpolate(x, size=(self.fixed_size, self.fixed_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        return self.backbone(x).float()
+
+
+def needs_fixed_input_size(model: nn.Module) -> bool:
+    """Whether ``model`` only accepts its configured image size (a timm patch embedding with a strict size).
+
+    Convolutional networks take any tile size (CLAM and TRIDENT feed ResNets 256 px tiles as they are).
+    """
+    for module in model.modules():
+        if hasattr(module, "strict_img_size") and hasattr(module, "img_size"):
+            return bool(getattr(module, "strict_img_size", False)) and not getattr(module, "dynamic_img_pad", False)
+    return False
