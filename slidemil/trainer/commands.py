@@ -1,0 +1,110 @@
+"""CLI shims of `slidemil train` and `slidemil cv-summary`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from slidemil.cli import add_config_option, command
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metadata", help="CSV slide_id,label[,patient_id][,split]")
+    p.add_argument("--features", help="features folder of `slidemil extract`")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--mode", help="training mode (features)")
+    p.add_argument("--class-names", help="comma-separated class names, in label order")
+    p.add_argument("--skip-missing", action="store_true", default=None,
+                   help="drop slides whose feature file is missing or unreadable (with a warning)")
+    p.add_argument("--seed", type=int, help="seed of splits, initialisation and sampling (0)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last (fresh if none)")
+    d = p.add_argument_group("bags")
+    d.add_argument("--max-patches", type=int, help="tiles drawn per bag at train time; 0 = all (512)")
+    d.add_argument("--batch-size", type=int, help="bags per step and process (1)")
+    d.add_argument("--workers", type=int, help="DataLoader worker processes (0)")
+    d.add_argument("--cache", action="store_true", default=None, help="keep all bags in memory")
+    m = p.add_argument_group("model")
+    m.add_argument("--mil", choices=["gated", "simple"], help="attention type (gated)")
+    m.add_argument("--hidden-dim", type=int, help="projection width (256)")
+    m.add_argument("--dropout", type=float, help="dropout after the projection (0.25)")
+    m.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
+                   help="feed raw features (default: standardised with training-set statistics)")
+    lo = p.add_argument_group("loss")
+    lo.add_argument("--loss", choices=["ce", "focal"], help="loss (ce)")
+    lo.add_argument("--focal-gamma", type=float, help="focal loss gamma (2)")
+    lo.add_argument("--class-weights", action="store_true", default=None, help="inverse-frequency class weights")
+    lo.add_argument("--weighted-sampling", action="store_true", default=None, help="class-balanced bag sampling")
+    lo.add_argument("--label-smoothing", type=float, help="label smoothing (0)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, help="peak learning rate (5e-4)")
+    o.add_argument("--weight-decay", type=float, help="AdamW weight decay (1e-4)")
+    o.add_argument("--scheduler", choices=["cosine", "plateau", "none"], help="after warm-up (cosine)")
+    o.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs (1)")
+    o.add_argument("--epochs", type=int, help="maximum epochs (40)")
+    o.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")
+    o.add_argument("--patience", type=int, help="early stopping patience in epochs, 0 = off (12)")
+    o.add_argument("--monitor", help="validation metric of the best checkpoint (auc; balanced_accuracy, loss...)")
+    o.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(auto)")
+    o.add_argument("--threads", type=int, help="torch threads per process on CPU (all cores)")
+    o.add_argument("--amp", action="store_true", default=None, help="mixed precision on CUDA")
+    c = p.add_argument_group("cross-validation")
+    c.add_argument("--folds", type=int, help="k-fold cross-validation, grouped by patient")
+    c.add_argument("--fold", type=int, help="run only this fold (0..K-1), e.g. one per SLURM array task")
+    w = p.add_argument_group("logging")
+    w.add_argument("--wandb", action="store_true", default=None, help="log to Weights & Biases")
+    w.add_argument("--project", help="W&B project (slidemil)")
+    w.add_argument("--run-name", help="W&B run name")
+    add_config_option(p)
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Command-line options as dotted TrainConfig keys (None: not given)."""
+    class_names = [s.strip() for s in args.class_names.split(",")] if args.class_names else None
+    return {
+        "data.metadata": args.metadata, "data.features": args.features, "data.mode": args.mode,
+        "data.class_names": class_names, "data.skip_missing": args.skip_missing,
+        "data.max_patches": args.max_patches or None,
+        "data.batch_size": args.batch_size, "data.workers": args.workers, "data.cache": args.cache,
+        "model.mil": args.mil, "model.hidden_dim": args.hidden_dim, "model.dropout": args.dropout,
+        "model.standardize": args.standardize,
+        "loss.name": args.loss, "loss.focal_gamma": args.focal_gamma, "loss.class_weights": args.class_weights,
+        "loss.weighted_sampling": args.weighted_sampling, "loss.label_smoothing": args.label_smoothing,
+        "optim.lr": args.lr, "optim.weight_decay": args.weight_decay, "optim.scheduler": args.scheduler,
+        "optim.warmup_epochs": args.warmup_epochs, "optim.epochs": args.epochs, "optim.grad_clip": args.grad_clip,
+        "optim.patience": args.patience, "optim.monitor": args.monitor,
+        "cv.folds": args.folds, "cv.fold": args.fold,
+        "log.wandb": args.wandb, "log.project": args.project, "log.run_name": args.run_name,
+        "seed": args.seed, "device": args.device, "threads": args.threads, "amp": args.amp,
+    }
+
+
+def load_train_config(args: argparse.Namespace) -> Any:
+    """Defaults <- ``--config`` YAML <- command-line options; ``--max-patches 0`` means all tiles."""
+    import dataclasses
+
+    from slidemil.config import load_config
+    from slidemil.trainer.config import TrainConfig
+    cfg = load_config(TrainConfig, args.config, train_overrides(args))
+    if args.max_patches == 0:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_patches=None))
+    return cfg
+
+
+@command("train", "train an attention-MIL head on slide labels (DDP under torchrun)", _train_options)
+def run(args: argparse.Namespace) -> int:
+    from slidemil.trainer.run import run_training
+    run_training(load_train_config(args), args.out, resume=args.resume)
+    return 0
+
+
+def _summary_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="cross-validation run folder (with fold_<i>/)")
+
+
+@command("cv-summary", "write OUT/cv_summary.csv from the fold folders of a cross-validation run",
+         _summary_options)
+def summary(args: argparse.Namespace) -> int:
+    from slidemil.trainer.cv import write_cv_summary
+    write_cv_summary(args.out)
+    return 0

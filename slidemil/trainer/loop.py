@@ -1,0 +1,399 @@
+"""The training recipe, one loop for every mode: setup -> train -> save -> test -> cleanup.
+
+The loop sees a model ``BagBatch -> MILOutput`` and bag datasets (:mod:`slidemil.trainer.modes`);
+it owns the optimisation (AdamW, warm-up schedule, clipping, AMP), evaluation (every validation and
+test slide exactly once, sharded over ranks and gathered, so the numbers equal a single process's),
+early stopping, checkpoints and resume. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from slidemil.atomic import atomic_path, write_json
+from slidemil.config import save_config
+from slidemil.errors import ConfigError
+from slidemil.trainer import checkpoint as ckpt
+from slidemil.trainer.config import TrainConfig
+from slidemil.trainer.data import BagDataset, EpochSampler, collate_bags
+from slidemil.trainer.distributed import DistContext, all_gather_objects, all_reduce_sum, shard
+from slidemil.trainer.logs import RunLog
+from slidemil.trainer.losses import inverse_frequency_weights, make_loss, sample_weights_for_balancing
+from slidemil.trainer.metrics import compute_metrics, flat_metrics, is_better
+from slidemil.trainer.modes import Cohort, TrainingTask
+from slidemil.trainer.schedule import LRSchedule
+
+log = logging.getLogger(__name__)
+
+BEST, LAST = "checkpoint_best", "checkpoint_last"
+_RANKING = ("auc", "average_precision")
+
+
+@dataclass
+class EpochResult:
+    """What one epoch did (given to callbacks after the epoch's checkpoints are written)."""
+
+    epoch: int
+    train_loss: float
+    val: dict[str, Any] | None
+    lr: float
+    seconds: float
+    bags_per_s: float
+    improved: bool
+
+
+@dataclass
+class Progress:
+    """Loop state saved with ``checkpoint_last`` (epochs are counted from 1)."""
+
+    epoch: int = 0
+    best_value: float | None = None
+    best_loss: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Outcome of one run (one fold)."""
+
+    out: Path
+    best_epoch: int
+    val_metrics: dict[str, Any] = field(default_factory=dict)
+    test_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+Callback = Callable[["Trainer", EpochResult], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """One run: ``setup(resume)``, ``train()``, ``test()``, ``cleanup()``.
+
+    Args:
+        cfg: the resolved configuration.
+        task: model, datasets and checkpoint record from the training mode.
+        cohort: the validated cohort (class names, patient ids for the prediction tables).
+        out: run folder.
+        ctx: rank and device.
+        callbacks: called with each :class:`EpochResult` on every rank.
+    """
+
+    def __init__(self, cfg: TrainConfig, task: TrainingTask, cohort: Cohort, out: Path, ctx: DistContext,
+                 callbacks: Sequence[Callback] = ()) -> None:
+        self.cfg, self.task, self.cohort, self.out, self.ctx = cfg, task, cohort, Path(out), ctx
+        self.callbacks = list(callbacks)
+        self.class_names = list(cohort.class_names)
+        self.model = task.model.to(ctx.device)
+        self.progress = Progress()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.runlog: RunLog | None = None
+
+    # --- setup ---------------------------------------------------------------------------------
+    def setup(self, resume: bool = False) -> None:
+        cfg, ctx, train = self.cfg, self.ctx, self.task.datasets["train"]
+        if len(train) == 0:
+            raise ConfigError("no training slides in this split")
+        has_last = (self.out / f"{LAST}.json").is_file()
+        if has_last and not resume:
+            raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it, or use a new --out")
+        self.loss_fn = make_loss(cfg.loss.name, self._class_weights(train), cfg.loss.focal_gamma,
+                                 cfg.loss.label_smoothing).to(ctx.device)
+        weights = sample_weights_for_balancing(train.labels) if cfg.loss.weighted_sampling else None
+        self.sampler = EpochSampler(len(train), cfg.seed, weights, ctx.rank, ctx.world_size)
+        self._preload()
+        self.loader = self._loader(train, self.sampler, cfg.data.batch_size)
+        self.eval_loaders: dict[str, DataLoader] = {}
+        params = self.task.param_groups or [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.monitor = self._choose_monitor()
+        self.schedule = LRSchedule(self.optimizer, cfg.optim, len(self.loader), self.monitor)
+        self.amp = cfg.amp and ctx.device.type == "cuda"
+        if cfg.amp and not self.amp:
+            log.warning("--amp applies to CUDA only; training in float32 on %s", ctx.device)
+        self.amp_dtype = getattr(torch, cfg.amp_dtype)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        if has_last:
+            self._resume()
+        else:
+            self.model.prepare(train, ctx)
+        self.ddp = wrap_ddp(self.model, ctx) if ctx.distributed else self.model
+        if ctx.is_main:
+            self._write_run_records()
+        self.runlog = RunLog(self.out, ctx.is_main, self.progress.epoch, cfg.log.tensorboard, cfg.log.wandb,
+                             cfg.log.project, cfg.log.run_name, cfg.to_dict())
+
+    def _loader(self, dataset: BagDataset, sampler: Any, batch_size: int) -> DataLoader:
+        workers = self.cfg.data.workers
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_bags,
+                          num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=self.ctx.device.type == "cuda")
+
+    def _class_weights(self, train: BagDataset) -> torch.Tensor | None:
+        if not self.cfg.loss.class_weights:
+            return None
+        weights = inverse_frequency_weights(train.labels, len(self.class_names))
+        log.info("class weights %s", dict(zip(self.class_names, weights.tolist())))
+        return weights
+
+    def _preload(self) -> None:
+        if not self.cfg.data.cache:
+            return
+        for part, dataset in self.task.datasets.items():
+            preload = getattr(dataset, "preload", None)
+            if preload is not None and len(dataset):
+                log.info("caching %d %s bags in memory", len(dataset), part)
+                preload()
+
+    def _choose_monitor(self) -> str:
+        monitor = self.cfg.optim.monitor
+        val = self.task.datasets["val"]
+        if monitor in _RANKING and len(val) and len(np.unique(val.labels)) < len(self.class_names):
+            log.warning("validation slides lack a class: %s is undefined; monitoring balanced_accuracy", monitor)
+            return "balanced_accuracy"
+        return monitor
+
+    def _write_run_records(self) -> None:
+        save_config(self.cfg, self.out / "train_config.json", class_names=self.class_names,
+                    checkpoint_meta={k: v for k, v in self.task.meta.items() if k != "head_config"})
+        if self.task.backbone_dir is not None:
+            ckpt.copy_backbone(self.task.backbone_dir, self.out / "backbone")
+
+    def _resume(self) -> None:
+        base = self.out / LAST
+        state = ckpt.load_training_state(base)
+        meta = ckpt.read_checkpoint_meta(base)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        rngs = state["rng"]
+        set_rng_state(rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0])
+        if (self.out / f"{BEST}.json").is_file():
+            self.best_state, _ = ckpt.load_weights(self.out / BEST)
+        changed = _config_changes(meta.get("train_config", {}), self.cfg.to_dict())
+        if changed:
+            log.warning("resuming with changed settings: %s", changed)
+        log.info("resuming %s from epoch %d (best epoch %d)", self.out, self.progress.epoch, self.progress.best_epoch)
+
+    # --- train ---------------------------------------------------------------------------------
+    def train(self) -> None:
+        """Epochs until the last one or early stopping; checkpoints after every epoch."""
+        p, cfg = self.progress, self.cfg.optim
+        if p.finished:
+            log.info("%s: training already finished (epoch %d); evaluating the best checkpoint", self.out, p.epoch)
+        while not p.finished and p.epoch < cfg.epochs:
+            start = time.perf_counter()
+            epoch = p.epoch + 1
+            train_loss, n_bags, train_s = self.train_epoch(epoch)
+            val, _ = self.evaluate("val")
+            improved = self._update_progress(epoch, val)
+            self.schedule.epoch_end(val.get(self.monitor) if val else None)
+            p.finished = p.epoch >= cfg.epochs or (cfg.patience > 0 and p.bad_epochs >= cfg.patience)
+            if p.finished and p.epoch < cfg.epochs:
+                log.info("early stopping: no better validation %s (ties: loss) for %d epochs", self.monitor, p.bad_epochs)
+            result = EpochResult(epoch, train_loss, val, self.schedule.lr, time.perf_counter() - start,
+                                 n_bags / max(train_s, 1e-9), improved)
+            self._save_epoch(result)
+            for callback in self.callbacks:
+                callback(self, result)
+
+    def train_epoch(self, epoch: int) -> tuple[float, int, float]:
+        """One pass over the training bags; returns (mean loss, bags over all ranks, seconds)."""
+        self.ddp.train()
+        self.sampler.set_epoch(epoch)
+        start, total, count = time.perf_counter(), 0.0, 0
+        bar = tqdm(self.loader, desc=f"epoch {epoch}", unit="step", leave=False,
+                   disable=not (self.ctx.is_main and self.cfg.log.progress) or None)
+        for batch in bar:
+            loss = self.train_step(batch.to(self.ctx.device, non_blocking=True))
+            total += loss * len(batch.labels)
+            count += len(batch.labels)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        total, count = all_reduce_sum([total, float(count)], self.ctx)
+        return total / max(count, 1.0), int(count), time.perf_counter() - start
+
+    def train_step(self, batch: Any) -> float:
+        """Forward, backward, clip, step; returns the batch loss."""
+        with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            out = self.ddp(batch)
+        loss = self.loss_fn(out.logits.float(), batch.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        return float(loss.detach())
+
+    def _update_progress(self, epoch: int, val: dict[str, Any] | None) -> bool:
+        p = self.progress
+        p.epoch = epoch
+        if val is None:
+            improved = True
+        else:
+            value, loss = val.get(self.monitor), val.get("loss")
+            improved = is_better(self.monitor, value, p.best_value) or (
+                value == p.best_value and is_better("loss", loss, p.best_loss))
+            if improved:
+                p.best_value, p.best_loss = value, loss
+        if improved:
+            p.best_epoch, p.bad_epochs = epoch, 0
+            self.best_state = self.model.checkpoint_state()
+        else:
+            p.bad_epochs += 1
+        return improved
+
+    # --- evaluate ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, part: str) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
+        """Metrics and per-slide predictions of every slide of ``part`` (None when it is empty)."""
+        dataset = self.task.datasets[part]
+        if len(dataset) == 0:
+            return None, None
+        self.model.eval()
+        if part not in self.eval_loaders:
+            self.eval_loaders[part] = self._loader(dataset, shard(len(dataset), self.ctx), 1)
+        loader = self.eval_loaders[part]
+        mine = []
+        for batch in loader:
+            batch = batch.to(self.ctx.device, non_blocking=True)
+            with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                logits = self.model(batch).logits.float()
+            loss = float(self.loss_fn(logits, batch.labels))
+            mine.append((int(batch.indices[0]), torch.softmax(logits, -1)[0].cpu().numpy(), loss))
+        rows = sorted((r for rank_rows in all_gather_objects(mine, self.ctx) for r in rank_rows), key=lambda r: r[0])
+        probs = np.stack([r[1] for r in rows]).astype(np.float64)
+        metrics = compute_metrics(dataset.labels, probs, self.class_names, loss=float(np.mean([r[2] for r in rows])))
+        return metrics, self._prediction_frame(dataset, probs, part)
+
+    def _prediction_frame(self, dataset: BagDataset, probs: np.ndarray, part: str) -> pd.DataFrame:
+        frame = pd.DataFrame({"slide_id": dataset.slide_ids, "label": dataset.labels, "pred": probs.argmax(1)})
+        for c, name in enumerate(self.class_names):
+            frame[f"prob_{name}"] = probs[:, c]
+        frame["split"] = part
+        if "patient_id" in self.cohort.table.columns:
+            frame["patient_id"] = self.cohort.table.loc[dataset.slide_ids, "patient_id"].to_numpy()
+        return frame
+
+    # --- save ----------------------------------------------------------------------------------
+    def checkpoint_meta(self, epoch: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
+        return {**self.task.meta, "epoch": epoch, "metrics": metrics or {}, "class_names": self.class_names,
+                "train_config": self.cfg.to_dict(), "monitor": self.monitor}
+
+    def _save_epoch(self, result: EpochResult) -> None:
+        rngs = all_gather_objects(rng_state(), self.ctx)
+        if self.ctx.is_main:
+            with ckpt.deferred_termination():
+                self._write_epoch(result, rngs)
+
+    def _write_epoch(self, result: EpochResult, rngs: list[Any]) -> None:
+        meta = self.checkpoint_meta(result.epoch, result.val)
+        weights = self.model.checkpoint_state()
+        if result.improved:
+            ckpt.save_checkpoint(self.out / BEST, weights, meta)
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+                 "progress": asdict(self.progress), "rng": rngs}
+        ckpt.save_checkpoint(self.out / LAST, weights, meta, state)
+        val = {f"val_{k}": v for k, v in flat_metrics(result.val or {}).items() if k != "n"}
+        assert self.runlog is not None
+        self.runlog.epoch({"epoch": result.epoch, "train_loss": result.train_loss, **val, "lr": result.lr,
+                           "seconds": round(result.seconds, 3), "bags_per_s": round(result.bags_per_s, 2)})
+        log.info("epoch %d/%d: train loss %.4f, val %s %s, %.1f bags/s%s", result.epoch, self.cfg.optim.epochs,
+                 result.train_loss, self.monitor, _fmt((result.val or {}).get(self.monitor)), result.bags_per_s,
+                 " (best)" if result.improved else "")
+
+    # --- test ----------------------------------------------------------------------------------
+    def test(self) -> RunResult:
+        """Evaluate the best checkpoint on validation and test slides and write the test outputs."""
+        if self.best_state is not None:
+            self.model.load_checkpoint_state(self.best_state)  # exactly the weights load_head gives
+        val, val_pred = self.evaluate("val")
+        test, test_pred = self.evaluate("test")
+        best = self.progress.best_epoch
+        if self.ctx.is_main:
+            if val_pred is not None:
+                _write_csv(val_pred, self.out / "val_predictions.csv")
+            if test is None:
+                log.warning("no test slides: no test_metrics.json")
+            else:
+                write_json(self.out / "test_metrics.json", {**test, "best_epoch": best})
+                _write_csv(test_pred, self.out / "test_predictions.csv")
+                assert self.runlog is not None
+                self.runlog.final({k: v for k, v in flat_metrics(test).items() if k != "n"}, best, "test/")
+                log.info("test (best epoch %d): %s", best, ", ".join(
+                    f"{k} {_fmt(test.get(k))}" for k in ("auc", "balanced_accuracy", "accuracy", "loss")))
+        return RunResult(self.out, best, val or {}, test or {})
+
+    def cleanup(self) -> None:
+        """Stop worker processes and close the run's logs."""
+        self.loader, self.eval_loaders = None, {}  # type: ignore[assignment]
+        if self.runlog is not None:
+            self.runlog.close()
+            self.runlog = None
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistContext) -> DistributedDataParallel:
+    """DDP without buffer syncing in forward (evaluation runs uneven shards on the plain module)."""
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, **no_sync)
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
