@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from slidemil.atomic import atomic_path
+from slidemil.atomic import atomic_path, file_lock
 from slidemil.errors import SlidemilError
 from slidemil.slide.table import SlideEntry
 
@@ -31,18 +31,26 @@ class BatchLog:
     def __init__(self, path: str | Path, columns: list[str]) -> None:
         self.path = Path(path)
         self.columns = columns
-        self.rows: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            old = pd.read_csv(self.path, dtype={"slide_id": str}, keep_default_na=False)
-            for row in old.to_dict("records"):
-                self.rows[str(row["slide_id"])] = row
+        self.rows: dict[str, dict[str, Any]] = self._read()
+        self._mine: set[str] = set()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        if not self.path.is_file():
+            return {}
+        old = pd.read_csv(self.path, dtype={"slide_id": str}, keep_default_na=False)
+        return {str(row["slide_id"]): row for row in old.to_dict("records")}
 
     def get(self, slide_id: str) -> dict[str, Any] | None:
         return self.rows.get(slide_id)
 
     def record(self, row: dict[str, Any]) -> None:
-        self.rows[str(row["slide_id"])] = row
-        self.flush()
+        """Add this slide's row; rows other processes (shards of one job) wrote meanwhile are kept."""
+        slide_id = str(row["slide_id"])
+        self.rows[slide_id] = row
+        self._mine.add(slide_id)
+        with file_lock(self.path):
+            self.rows = {**self._read(), **{k: v for k, v in self.rows.items() if k in self._mine}}
+            self.flush()
 
     def flush(self) -> None:
         extra = sorted({k for r in self.rows.values() for k in r} - set(self.columns))

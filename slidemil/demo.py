@@ -59,7 +59,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     times["synth"] = _lap(start)
     tile_slides(out / "cohort" / "metadata.csv", out / "tiles")
     times["tile"] = _lap(start, times)
-    extract_features(out / "cohort" / "metadata.csv", out / "features", ExtractConfig(backbone=cfg.backbone, device="auto",
+    extract_features(out / "cohort" / "metadata.csv", out / "features", ExtractConfig(backbone=cfg.backbone, backend="auto",
                                                                                        seed=cfg.seed),
                      coords_dir=out / "tiles")
     times["extract"] = _lap(start, times)

@@ -50,3 +50,6 @@ def synth_cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort")
     table = make_cohort(out, SynthConfig(n_slides=4, n_classes=2, size=2048, seed=3), progress=False)
     return out, table
+
+
+from tests.slurm.fixtures import live_slurm  # noqa: E402,F401  (session fixture: a local Slurm for -m slurm)

@@ -3,13 +3,17 @@
 Run with ``python -m pytest tests/test_slurm_live.py -m slurm`` (deselected by default). The fixture
 ``live_slurm`` comes from tests/slurm/fixtures.py (registered in tests/conftest.py).
 
-Besides the Slurm basics (a job runs, a failing job shows its error, the scripts' #SBATCH lines pass
-the controller), these tests run the four slurm/*.sbatch scripts unchanged with a stand-in ``slidemil``
-package (``python -m slidemil`` resolves to it through PYTHONPATH): they check the command lines the
-scripts build, that train.sbatch's srun + torchrun ranks meet through the c10d rendezvous, that the CV
-array writes its summary once every fold is done, and that array shards cover every index once. The
-requeue test drives the scripts' signal-trap block (copied verbatim from train.sbatch) through both
-ways a job is stopped: ``scontrol requeue`` (TERM, as a preemption) and USR1 before the time limit.
+- Slurm itself: a job runs; a failing job shows its error in its output file and a FAILED state.
+- The scripts: ``bash -n``, one shared requeue block, ``sbatch --test-only`` against the controller.
+- Plumbing, with a stand-in ``slidemil`` (``python -m slidemil`` resolves to it through PYTHONPATH):
+  the command lines the array scripts build, shard coverage, the CV summary after the last fold.
+- The real commands, scripts unchanged: train.sbatch with 2 CPU ranks (srun + torchrun, c10d
+  rendezvous, gloo) matches a direct torchrun run; a requeued training run resumes from its last
+  checkpoint and ends like an uninterrupted one; cv_array writes every fold and the summary;
+  extract_array and score_array shards together cover every slide once.
+- Requeue mechanics: the scripts' signal-trap block (copied verbatim from train.sbatch) around a
+  stand-in trainer, stopped by ``scontrol requeue`` (TERM, as a preemption) and by USR1 (what
+  ``--signal=B:USR1@120`` sends before the time limit): each rerun continues from the checkpoint.
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def test_sbatch_scripts_parse_and_pass_test_only(live_slurm):
         assert "#SBATCH --requeue" in text and re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.M)
         assert _requeue_block(script) == block, f"{script.name}: requeue block differs from train.sbatch"
         # every setting at the top is overridable from the environment
-        settings = re.findall(r"^([A-Z_]+)=\$\{\1:-", text, re.M)
+        settings = re.findall(r"^([A-Z_]+)=\$\{\1:?-", text, re.M)
         assert {"OUT", "VENV", "PYTHON"} <= set(settings), (script.name, settings)
         r = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True,
                            timeout=30, cwd=REPO)
@@ -127,15 +131,7 @@ from pathlib import Path
 
 argv = sys.argv[1:]
 rec = {"argv": argv, "env": {k: os.environ.get(k) for k in (
-    "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "OMP_NUM_THREADS", "SLURM_JOB_ID",
-    "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_PROCID", "SLURM_NNODES")}}
-if os.environ.get("WORLD_SIZE"):  # under torchrun: prove the ranks met
-    import torch, torch.distributed as dist
-    dist.init_process_group("gloo")
-    t = torch.tensor([dist.get_rank() + 1.0])
-    dist.all_reduce(t)
-    rec["all_reduce"] = t.item()
-    dist.destroy_process_group()
+    "OMP_NUM_THREADS", "SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")}}
 if argv and argv[0] == "cv-summary":
     out = Path(argv[argv.index("--out") + 1])
     rec["folds_done"] = sorted(p.parent.name for p in out.glob("fold_*/.slurm_fold_done"))
@@ -171,29 +167,7 @@ def _arg(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
-def test_train_sbatch_srun_torchrun_rendezvous(live_slurm, tmp_path, fake_slidemil):
-    env, calls = fake_slidemil
-    env.update(METADATA="/data/m.csv", FEATURES="/data/f", OUT=str(tmp_path / "run"), CPU_PROCS="2",
-               TRAIN_ARGS="--epochs 3 --mil simple")
-    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", f"--output={tmp_path}/train-%j.out",
-                            str(REPO / "slurm" / "train.sbatch"), "--seed", "7"],
-                           wait=True, env=env, cwd=tmp_path, timeout=240)
-    log = (tmp_path / f"train-{job_id}.out").read_text()
-    assert rc == 0, log
-    ranks = calls("train")
-    assert len(ranks) == 2, log
-    assert sorted(r["env"]["RANK"] for r in ranks) == ["0", "1"]
-    for r in ranks:
-        argv = r["argv"]
-        assert r["env"]["WORLD_SIZE"] == "2" and r["all_reduce"] == 3.0  # both ranks met (gloo)
-        assert _arg(argv, "--metadata") == "/data/m.csv" and _arg(argv, "--features") == "/data/f"
-        assert _arg(argv, "--out") == str(tmp_path / "run") and "--resume" in argv
-        assert argv[-6:] == ["--epochs", "3", "--mil", "simple", "--seed", "7"]
-        assert r["env"]["OMP_NUM_THREADS"] == "1"  # 2 CPUs of the task shared by 2 ranks
-    assert "1 node(s) x 2 rank(s)" in log
-
-
-def test_cv_array_runs_each_fold_and_writes_summary_last(live_slurm, tmp_path, fake_slidemil):
+def test_cv_array_plumbing_summary_after_the_last_fold(live_slurm, tmp_path, fake_slidemil):
     env, calls = fake_slidemil
     out = tmp_path / "cv"
     env.update(METADATA="/data/m.csv", FEATURES="/data/f", OUT=str(out), FOLDS="3")
@@ -249,6 +223,215 @@ def test_array_shards_cover_every_index_once(live_slurm, tmp_path, fake_slidemil
     assert rc == 2 and "NUM_SHARDS" in (tmp_path / f"b-{job_id}_2.out").read_text()
 
 
+# ---- slidemil extract under extract_array.sbatch -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def extract_array_run(live_slurm, synth_cohort, tmp_path_factory):
+    """slurm/extract_array.sbatch, unchanged, as a 2-task array over the 4-slide synthetic cohort
+    (tiles on the fly, test_resnet from one weights file so that both shards use the same backbone)."""
+    from slidemil.models.backbones import create_backbone, save_backbone
+
+    cohort, table = synth_cohort
+    work = tmp_path_factory.mktemp("extract-array")
+    model, card = create_backbone("test_resnet", "random")
+    save_backbone(model, card, work / "weights")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "SLIDES": str(cohort / "slides"),
+           "COORDS": "", "OUT": str(work / "feat"), "BACKBONE": "test_resnet",
+           "EXTRACT_ARGS": f"--weights {work / 'weights' / 'backbone.safetensors'} --device cpu "
+                           "--limit-tiles 20 --batch-size 8"}
+    t0 = time.monotonic()
+    rc, job_id, _ = sbatch([f"--chdir={work}", "--array=0-1", "--cpus-per-task=1",
+                            f"--output={work}/extract-%A_%a.out", str(REPO / "slurm" / "extract_array.sbatch")],
+                           wait=True, env=env, cwd=work, timeout=300)
+    logs = "\n".join(p.read_text() for p in sorted(work.glob("extract-*.out")))
+    print(f"extract array: job {job_id} rc={rc} in {time.monotonic() - t0:.1f} s")
+    return rc, work / "feat", sorted(table.slide_id), logs
+
+
+def test_extract_array_writes_every_slide_once(extract_array_run):
+    rc, out, slide_ids, logs = extract_array_run
+    assert rc == 0, logs
+    assert sorted(p.stem for p in (out / "features").glob("*.h5")) == slide_ids
+    checker = REPO.parent / "shared" / "tools" / "check_h5.py"
+    if checker.exists():  # the features contract (../shared/DESIGN.md)
+        r = subprocess.run([sys.executable, str(checker), str(out / "features")], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.xfail(reason="extraction.csv is rewritten whole by each shard: concurrent array tasks drop "
+                          "each other's rows (same for score's predictions.csv); see the SLURM issue",
+                   strict=False)
+def test_extract_array_table_lists_every_slide(extract_array_run):
+    import pandas as pd
+
+    rc, out, slide_ids, logs = extract_array_run
+    assert rc == 0, logs
+    table = pd.read_csv(out / "extraction.csv", dtype={"slide_id": str})
+    assert sorted(table.slide_id) == slide_ids and (table.status == "ok").all()
+
+
+# ---- slidemil train under train.sbatch and cv_array.sbatch ------------------------------------------
+
+TRAIN_ARGS = ["--epochs", "30", "--patience", "0", "--seed", "1", "--workers", "0"]
+TIMING_COLUMNS = ["seconds", "bags_per_s"]
+
+
+@pytest.fixture(scope="module")
+def feature_cohort(tmp_path_factory):
+    """16 slides of hand-made features (tests/trainer_fixtures.py), 8 patients, 2 classes."""
+    from tests.trainer_fixtures import make_feature_cohort
+
+    return make_feature_cohort(tmp_path_factory.mktemp("slurm-features"), n_slides=16)
+
+
+def _train_env(cohort: Path, out: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
+           "METADATA": str(cohort / "metadata.csv"), "FEATURES": str(cohort), "OUT": str(out), **extra}
+    env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def direct_ddp_run(feature_cohort, tmp_path_factory):
+    """The reference: the same training run directly, `torchrun --nproc_per_node 2` (gloo), no Slurm."""
+    out = tmp_path_factory.mktemp("direct") / "run"
+    env = _train_env(feature_cohort, out, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "slidemil", "train", "--metadata", env["METADATA"], "--features", env["FEATURES"],
+                        "--out", str(out), "--resume", *TRAIN_ARGS],
+                       capture_output=True, text=True, env=env, cwd=out.parent, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def _same_training(run: Path, reference: Path) -> None:
+    """Same files, same metrics every epoch (timing aside), same weights, same test metrics."""
+    import numpy as np
+    import pandas as pd
+    from safetensors.numpy import load_file
+
+    def files(d: Path) -> set[str]:
+        return {p.name for p in d.iterdir() if p.is_file()}
+
+    assert files(run) == files(reference)
+    got = pd.read_csv(run / "metrics.csv").drop(columns=TIMING_COLUMNS, errors="ignore")
+    want = pd.read_csv(reference / "metrics.csv").drop(columns=TIMING_COLUMNS, errors="ignore")
+    assert list(got.columns) == list(want.columns) and list(got.epoch) == list(want.epoch)
+    np.testing.assert_allclose(got.to_numpy(float), want.to_numpy(float), rtol=0, atol=1e-6)
+    for name in ("checkpoint_last.safetensors", "checkpoint_best.safetensors"):
+        a, b = load_file(run / name), load_file(reference / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=f"{name}:{key}")
+    assert json.loads((run / "test_metrics.json").read_text()) == pytest.approx(
+        json.loads((reference / "test_metrics.json").read_text()))
+
+
+def test_train_sbatch_two_cpu_ranks_match_a_direct_run(live_slurm, feature_cohort, direct_ddp_run, tmp_path):
+    out = tmp_path / "run"
+    env = _train_env(feature_cohort, out, CPU_PROCS="2")
+    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", f"--output={tmp_path}/train-%j.out",
+                            str(REPO / "slurm" / "train.sbatch"), *TRAIN_ARGS],
+                           wait=True, env=env, cwd=tmp_path, timeout=300)
+    log = (tmp_path / f"train-{job_id}.out").read_text()
+    assert rc == 0, log[-3000:]
+    assert "1 node(s) x 2 rank(s)" in log and "process group: gloo, 2 ranks" in log
+    _same_training(out, direct_ddp_run)
+
+
+def test_train_sbatch_requeued_resumes_and_matches_an_uninterrupted_run(live_slurm, feature_cohort,
+                                                                         direct_ddp_run, tmp_path):
+    out = tmp_path / "run"
+    env = _train_env(feature_cohort, out, CPU_PROCS="2")
+    _, job_id, _ = sbatch([f"--chdir={tmp_path}", f"--output={tmp_path}/train-%j.out",
+                           str(REPO / "slurm" / "train.sbatch"), *TRAIN_ARGS], env=env, cwd=tmp_path)
+
+    def epoch_saved():
+        try:
+            return json.loads((out / "checkpoint_last.json").read_text())["epoch"] >= 3
+        except (OSError, ValueError, KeyError):
+            return False
+
+    wait_for(epoch_saved, 180, interval=0.1, what="training to save epoch 3")
+    requeued_at = json.loads((out / "checkpoint_last.json").read_text())["epoch"]
+    _sh("scontrol", "requeue", job_id)
+    info = wait_finished(job_id, timeout=300)
+    log = (tmp_path / f"train-{job_id}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-3000:])
+    resumed = re.findall(r"resuming \S+ from epoch (\d+)", log)
+    assert resumed and int(resumed[0]) >= requeued_at, log[-3000:]  # continued, did not start over
+    print(f"train requeue: requeued at epoch {requeued_at}, resumed from epoch {resumed[0]}")
+    _same_training(out, direct_ddp_run)
+
+
+def test_cv_array_writes_one_fold_per_task_and_the_summary(live_slurm, feature_cohort, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "cv"
+    env = _train_env(feature_cohort, out, FOLDS="3", TRAIN_ARGS="--epochs 3 --seed 1")
+    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", "--array=0-2", "--cpus-per-task=1",
+                            f"--output={tmp_path}/cv-%A_%a.out", str(REPO / "slurm" / "cv_array.sbatch")],
+                           wait=True, env=env, cwd=tmp_path, timeout=300)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("cv-*.out")))
+    assert rc == 0, logs[-3000:]
+    for fold in range(3):
+        assert (out / f"fold_{fold}" / "checkpoint_best.safetensors").exists()
+        assert (out / f"fold_{fold}" / "test_metrics.json").exists()
+    summary = pd.read_csv(out / "cv_summary.csv")
+    assert {"metric", "mean", "std", "fold_0", "fold_1", "fold_2"} <= set(summary.columns)
+    assert "auc" in set(summary.metric)
+
+
+# ---- slidemil score under score_array.sbatch --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def score_array_run(live_slurm, synth_cohort, extract_array_run, tmp_path_factory):
+    """Train and export a package on the extract array's features, then score the cohort's slides with
+    slurm/score_array.sbatch as a 2-task array."""
+    rc, features, slide_ids, logs = extract_array_run
+    if rc != 0:
+        pytest.skip("the extract array failed; see test_extract_array_writes_every_slide_once")
+    cohort, _ = synth_cohort
+    work = tmp_path_factory.mktemp("score-array")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    for cmd in (["train", "--metadata", str(cohort / "metadata.csv"), "--features", str(features),
+                 "--out", str(work / "run"), "--epochs", "2", "--seed", "1"],
+                ["export", "--checkpoint", str(work / "run" / "checkpoint_best.safetensors"),
+                 "--out", str(work / "package")]):
+        r = subprocess.run([sys.executable, "-m", "slidemil", *cmd], capture_output=True, text=True, env=env,
+                           cwd=work, timeout=600)
+        assert r.returncode == 0, f"slidemil {cmd[0]}: {r.stderr[-3000:]}"
+    env.update(PYTHON=sys.executable, MODEL=str(work / "package"), SLIDES=str(cohort / "slides"),
+               OUT=str(work / "scores"), SCORE_ARGS="--device cpu --top-k 2")
+    t0 = time.monotonic()
+    rc, job_id, _ = sbatch([f"--chdir={work}", "--array=0-1", "--cpus-per-task=1",
+                            f"--output={work}/score-%A_%a.out", str(REPO / "slurm" / "score_array.sbatch")],
+                           wait=True, env=env, cwd=work, timeout=600)
+    logs = "\n".join(p.read_text() for p in sorted(work.glob("score-*.out")))
+    print(f"score array: job {job_id} rc={rc} in {time.monotonic() - t0:.1f} s")
+    return rc, work / "scores", slide_ids, logs
+
+
+def test_score_array_scores_every_slide_once(score_array_run):
+    rc, out, slide_ids, logs = score_array_run
+    assert rc == 0, logs[-3000:]
+    assert sorted(p.stem for p in (out / "heatmaps").glob("*.npy")) == slide_ids
+
+
+@pytest.mark.xfail(reason="predictions.csv is rewritten whole by each shard: concurrent array tasks drop "
+                          "each other's rows; see the SLURM issue", strict=False)
+def test_score_array_predictions_list_every_slide_once(score_array_run):
+    import pandas as pd
+
+    rc, out, slide_ids, logs = score_array_run
+    assert rc == 0, logs[-3000:]
+    table = pd.read_csv(out / "predictions.csv", dtype={"slide_id": str})
+    assert sorted(table.slide_id) == slide_ids and (table.status == "ok").all()
+
+
 # ---- requeue and resume -------------------------------------------------------------------------------
 
 COUNTER = r'''
@@ -277,6 +460,8 @@ while step < steps:
     tmp.write_text(json.dumps({"step": step, "acc": acc}))
     os.replace(tmp, state)
     if stop:
+        with starts.open("a") as f:
+            f.write(json.dumps({"stopped_at": step}) + "\n")
         sys.exit(143)
 result.write_text(json.dumps({"step": step, "acc": acc}))
 '''
@@ -332,7 +517,13 @@ def test_requeue_resumes_from_checkpoint(live_slurm, tmp_path):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
     assert info["Restarts"] == "2"
     assert json.loads(result.read_text()) == expected  # same result as an uninterrupted run
-    runs = [json.loads(line) for line in starts.read_text().splitlines()]
-    assert [r["restart"] for r in runs] == ["0", "1", "2"], runs
-    assert runs[0]["step"] == 0 and 0 < runs[1]["step"] < runs[2]["step"] < steps, runs  # resumed, not restarted
+    events = [json.loads(line) for line in starts.read_text().splitlines()]
+    runs = [e for e in events if "restart" in e]
+    stops = [e["stopped_at"] for e in events if "stopped_at" in e]
+    assert [r["restart"] for r in runs] == ["0", "1", "2"], events
+    # each stopped run saved at TERM, and the next run went on from exactly there (not from step 0)
+    assert runs[0]["step"] == 0 and [r["step"] for r in runs[1:]] == stops, events
+    assert 0 < stops[0] < stops[1] < steps, events
+    print(f"requeue test: runs started at steps {[r['step'] for r in runs]}, stopped at {stops}; "
+          f"result {json.loads(result.read_text())} == uninterrupted {expected}")
     assert "DUE TO JOB REQUEUE" in log and "TERM: stopping" in log and "USR1: time limit near" in log

@@ -47,9 +47,11 @@ def _run(cmd: Sequence[str], timeout: float = 30, **kw) -> subprocess.CompletedP
 
 def _sinfo_node() -> tuple[str, str, str, int] | None:
     """(node, state, partition, cpus) of the first node when sinfo answers, else None."""
-    if shutil.which("sinfo") is None:
+    if shutil.which("sinfo") is None or shutil.which("scontrol") is None:
         return None
-    try:
+    try:  # `scontrol ping` answers at once; sinfo retries a silent controller for ~10 s
+        if _run(["scontrol", "ping"], timeout=15).returncode != 0:
+            return None
         r = _run(["sinfo", "-h", "-N", "-o", "%N|%T|%P|%c"], timeout=15)
     except subprocess.TimeoutExpired:
         return None
@@ -101,15 +103,26 @@ def live_slurm() -> Iterator[LiveSlurm]:
 
 def sbatch(args: Sequence[str], *, wait: bool = False, env: dict[str, str] | None = None,
            cwd: str | Path | None = None, timeout: float = 300) -> tuple[int, str, subprocess.CompletedProcess[str]]:
-    """Submit with ``sbatch --parsable``; returns (exit status, job id, process).
+    """Submit with ``sbatch --parsable``; returns (exit status, job id, sbatch's process).
 
-    With ``wait`` the exit status is the job's (``sbatch --wait``); otherwise sbatch's own."""
-    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *args]
-    r = _run(cmd, timeout=timeout, env=env, cwd=cwd)
+    With ``wait`` the exit status is the job's, as ``sbatch --wait`` gives it (the highest of an
+    array's tasks; 1 for a job ended by a signal), but found by polling ``scontrol`` every 0.2 s:
+    ``sbatch --wait`` polls at growing intervals and adds seconds to every short job."""
+    cmd = ["sbatch", "--parsable", *args]
+    r = _run(cmd, timeout=60, env=env, cwd=cwd)
     job_id = r.stdout.strip().splitlines()[0].split(";")[0] if r.stdout.strip() else ""
-    if not job_id:
-        raise AssertionError(f"sbatch gave no job id: {' '.join(cmd)}\n{r.stderr}")
-    return r.returncode, job_id, r
+    if r.returncode != 0 or not job_id:
+        raise AssertionError(f"sbatch failed: {' '.join(cmd)}\n{r.stderr}")
+    if not wait:
+        return r.returncode, job_id, r
+    wait_finished(job_id, timeout=timeout)
+    status = 0
+    for rec in array_states(job_id):
+        code, _, sig = rec.get("ExitCode", "0:0").partition(":")
+        status = max(status, int(code) if int(sig or 0) == 0 else max(int(code), 1))
+        if rec.get("JobState") != "COMPLETED":
+            status = max(status, 1)
+    return status, job_id, r
 
 
 def job_info(job_id: str) -> dict[str, str]:
@@ -142,7 +155,7 @@ def array_states(job_id: str) -> list[dict[str, str]]:
     return records
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
     """Poll ``predicate()`` until it returns a truthy value; returns it, or fails after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Start a one-node local Slurm for the test suite (Debian's slurm-wlm + munge).
 #
-# Idempotent: when `sinfo` already answers with an idle node it does nothing; otherwise it installs
-# what is missing, writes the configuration, and starts only the daemons that are not running.
+# Idempotent: when a controller already answers (`scontrol ping`) and its node is up it does nothing;
+# otherwise it installs what is missing, writes the configuration, and starts only the daemons that
+# are not running.
 # The PIDs of the daemons it started go to $SLIDEMIL_SLURM_STATE/pids so that stop_slurm.sh stops
 # only those. Quiet on success; on failure it prints the reason (and the relevant log) and exits 1.
 #
@@ -32,15 +33,17 @@ show_log() { # show the tail of a log file on stderr
 node_state() { sinfo -h -N -o '%T' 2>/dev/null | head -n 1; }
 
 # Already up (this script's earlier run, or a real Slurm): nothing to do.
-# (no slurm.conf and no SLURM_CONF: nothing to ask; a silent controller makes sinfo retry for ~10 s)
-if command -v sinfo >/dev/null 2>&1 && { [ -e "$CONF" ] || [ -n "${SLURM_CONF:-}" ]; } &&
-    timeout 4 sinfo -h >/dev/null 2>&1; then
+# (`scontrol ping` answers at once; sinfo retries a silent controller for ~10 s)
+if command -v scontrol >/dev/null 2>&1 && timeout 10 scontrol ping >/dev/null 2>&1; then
     case "$(node_state)" in
         idle* | mix* | alloc* | comp*) exit 0 ;;
     esac
 fi
 
 [ "$(id -u)" -eq 0 ] || die "must run as root to install and start munge and slurm (uid is $(id -u))"
+if [ -e "$CONF" ] && ! grep -qF "$MARKER" "$CONF" && [ "${SLIDEMIL_SLURM_FORCE:-0}" != 1 ]; then
+    die "$CONF exists and was not written by this script; set SLIDEMIL_SLURM_FORCE=1 to overwrite it"
+fi
 mkdir -p "$STATE" || die "cannot create state folder $STATE"
 LOG=$STATE/start.log
 : >"$LOG"
@@ -119,9 +122,6 @@ MARGIN=$((MEM_TOTAL / 10 > 1024 ? 1024 : MEM_TOTAL / 10))
 REAL_MEM=$((MEM_TOTAL - MARGIN))
 [ "$REAL_MEM" -gt 0 ] || die "cannot read the machine's memory from free -m"
 
-if [ -e "$CONF" ] && ! grep -qF "$MARKER" "$CONF" && [ "${SLIDEMIL_SLURM_FORCE:-0}" != 1 ]; then
-    die "$CONF exists and was not written by this script; set SLIDEMIL_SLURM_FORCE=1 to overwrite it"
-fi
 mkdir -p "$CONF_DIR" /var/lib/slurm/slurmctld /var/lib/slurm/slurmd /var/log/slurm /run/slurm ||
     die "cannot create slurm folders"
 JOBCOMP=/var/log/slurm/jobcomp.log

@@ -13,6 +13,17 @@ ours() { # pid name: alive and still the daemon we started (guards against PID r
 }
 
 failed=0
+# A controller we started serves only the tests: cancel what they left queued or running, so that no
+# job step outlives slurmd and no job comes back from the saved state at the next start.
+ctld_pid=$(awk '$1 == "slurmctld" {print $2}' "$PIDS" | tail -n 1)
+if [ -n "$ctld_pid" ] && ours "$ctld_pid" slurmctld; then
+    jobs=$(squeue -h -o %A 2>/dev/null | sort -u)
+    if [ -n "$jobs" ]; then
+        # shellcheck disable=SC2086
+        scancel $jobs 2>/dev/null
+        for _ in $(seq 100); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.2; done
+    fi
+fi
 # reverse order: slurmd, slurmctld, munged
 while read -r name pid; do
     [ -n "$pid" ] || continue
