@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -61,14 +61,18 @@ def model_only(model_dir: Path, tiles: np.ndarray, args: argparse.Namespace) -> 
 
 
 def end_to_end(model_dir: Path, slides: Path, out: Path, args: argparse.Namespace) -> tuple[float, float]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     cmd = [sys.executable, "-m", "slidemil", "score", str(model_dir), str(slides), "--out", str(out),
            "--backend", args.backend, "--device", args.device, "--precision", args.precision,
            "--batch-size", str(args.batch), "--workers", str(args.workers)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    subprocess.run(cmd, check=True, capture_output=True)
-    peak_mb = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    log_path = out.parent / f"{out.name}.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, not the maximum of all children
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"score failed, see {log_path}")
+    peak_mb = usage.ru_maxrss / 1024
     summary = json.loads((out / "run_summary.json").read_text())
     return summary["tiles_per_s_after_load"], peak_mb
 
