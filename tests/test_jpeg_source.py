@@ -228,16 +228,20 @@ def test_reader_threads_share_decoded_tiles(tiffs, monkeypatch):
     monkeypatch.setattr(JpegTileSource, "_decode", counting)
     results: dict[int, np.ndarray] = {}
 
+    # As in the engine, each thread's source stays open until the whole slide is read.
+    sources = [JpegTileSource(path) for _ in range(3)]
+
     def work(worker: int, threads: int) -> None:
-        with JpegTileSource(path) as src:
-            for k in range(worker, len(batches), threads):
-                results[k] = src.read(batches[k], 150, 150)
+        for k in range(worker, len(batches), threads):
+            results[k] = sources[worker].read(batches[k], 150, 150)
 
     pool = [threading.Thread(target=work, args=(w, 3)) for w in range(3)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
+    for src in sources:
+        src.close()
     assert sorted(decoded) == [0, 1, 2, 3, 4, 5]
     with open_slide(path) as reader:
         assert np.array_equal(np.concatenate([results[k] for k in range(len(batches))]),

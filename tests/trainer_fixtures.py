@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from slidemil.config import save_config
@@ -80,3 +81,13 @@ def fast_config(root: Path, **changes):  # type: ignore[no-untyped-def]
     overrides = {"data.metadata": str(root / "metadata.csv"), "data.features": str(root),
                  "log.tensorboard": False, "log.progress": False, "threads": 1, **changes}
     return load_config(TrainConfig, None, overrides)
+
+
+def assert_same_metrics(a: dict, b: dict) -> None:
+    """Equal metric records: numbers within float noise, everything else (confusion matrix) exactly."""
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, float):
+            assert value == pytest.approx(b[key], nan_ok=True), key
+        else:
+            assert value == b[key], key
