@@ -123,6 +123,18 @@ def replace(obj: T, **changes: Any) -> T:
     return dataclasses.replace(obj, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[type-var]
 
 
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``"key.sub: old -> new"`` for every setting that differs between two plain-data configs."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
 def save_config(obj: Any, path: str | Path, **extra: Any) -> None:
     """Write the resolved config (and any extra records) as JSON, atomically."""
     write_json(path, {"slidemil_version": __version__, **extra, "config": to_dict(obj)})

@@ -221,7 +221,8 @@ POST_BUILD: dict[str, Callable[[nn.Module], nn.Module]] = {
 }
 
 
-def _timm_core(model: nn.Module) -> nn.Module:
+def timm_core(model: nn.Module) -> nn.Module:
+    """The timm model inside a backbone (the trunk of a post-build wrapper, else the backbone itself)."""
     return model.trunk if isinstance(model, ClassAndMeanTokens) else model
 
 
@@ -297,8 +298,8 @@ def _build(spec: BackboneSpec, timm_name: str, kwargs: Mapping[str, Any], pretra
 
 def _make_card(name: str, timm_name: str, spec: BackboneSpec, kwargs: Mapping[str, Any],
                model: nn.Module, source: str) -> BackboneCard:
-    data_cfg = timm.data.resolve_model_data_config(_timm_core(model))
-    patch_embed = getattr(_timm_core(model), "patch_embed", None)
+    data_cfg = timm.data.resolve_model_data_config(timm_core(model))
+    patch_embed = getattr(timm_core(model), "patch_embed", None)
     # timm's data config keeps the pretrained size (518 for dinov2) when img_size is overridden
     img_size = getattr(patch_embed, "img_size", None)
     input_size = spec.input_size or int(img_size[0] if img_size else data_cfg["input_size"][-1])
@@ -338,7 +339,7 @@ def load_weights_file(model: nn.Module, path: Path, ignore_prefixes: tuple[str, 
         WeightsError: naming the first few offending keys.
     """
     state = read_state_dict(path)
-    target = _timm_core(model)
+    target = timm_core(model)
     state = strip_common_prefixes(state, extra=("trunk.",) if target is not model else ())
     target.load_state_dict(match_state_dict(target, state, ignore_prefixes, path))
 

@@ -29,8 +29,12 @@ _NESTING_KEYS = ("state_dict", "model")  # checkpoints that nest the state dict
 
 def state_dict_sha256(model: nn.Module) -> str:
     """sha256 over the state dict: sorted keys, each name + dtype + shape + raw bytes."""
+    return tensors_sha256(model.state_dict())
+
+
+def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """:func:`state_dict_sha256` of a state dict given as tensors (e.g. a checkpoint's ``backbone.*`` part)."""
     digest = hashlib.sha256()
-    state = model.state_dict()
     for key in sorted(state):
         tensor = state[key].detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{key}\0{tensor.dtype}\0{tuple(state[key].shape)}\0".encode())

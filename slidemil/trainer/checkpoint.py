@@ -6,7 +6,10 @@ A checkpoint ``NAME`` is
   temperature buffer) and, for end-to-end checkpoints, ``backbone.*``;
 - ``NAME.json``: ``{"schema": 1, "mode", "epoch", "metrics", "class_names", "head_config",
   "backbone_card", "backbone_weights": "inside" | "backbone/" | "refetch", "tiling",
-  "train_config", "slidemil_version", "files": {file name: sha256}}``;
+  "train_config", "slidemil_version", "files": {file name: sha256}}``, and after ``--calibrate``
+  ``"temperature"`` (also in the head's buffer) and ``"calibration"`` (validation ECE/NLL before
+  and after). An end-to-end checkpoint's ``backbone_card`` names the sha256 of its ``backbone.*``
+  weights (``weights_source`` ``fine-tuned:<source>`` once training changed them);
 - optionally ``NAME.state.safetensors`` + ``NAME.state.json``: optimizer, scheduler, scaler and
   RNG state for ``--resume``; tensors in the safetensors file, the nested structure (and python
   and numpy RNG state) in the JSON.

@@ -1,8 +1,9 @@
 """Settings of ``slidemil train``: one frozen dataclass tree, loaded from YAML + command line.
 
 The resolved tree is written beside every run (``train_config.json``) and into every checkpoint.
-End-to-end training (issue 5) adds its settings to these same blocks; ``data.mode`` picks the
-training mode registered in :mod:`slidemil.trainer.modes`.
+``data.mode`` picks the training mode registered in :mod:`slidemil.trainer.modes`: ``features``
+(a head on cached features) or ``end2end`` (backbone and head on tiles read from the slides, with
+the ``backbone`` and ``augment`` blocks).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from slidemil.trainer.metrics import monitor_mode
 
 SCHEDULERS = ("cosine", "plateau", "none")
 AMP_DTYPES = ("float16", "bfloat16")
+BATCHNORM_MODES = ("frozen", "train")
 
 
 @dataclass(frozen=True)
@@ -23,14 +25,19 @@ class DataConfig:
     """Where the slides come from and how bags are drawn.
 
     Attributes:
-        metadata: CSV ``slide_id,label[,patient_id][,split]``.
+        metadata: CSV ``slide_id,label[,patient_id][,split][,path]``.
         features: features folder of ``slidemil extract`` (``features/<slide_id>.h5``, ``backbone/``).
-        mode: training mode (``features``; ``end2end`` is added by the end-to-end issue).
+        mode: training mode: ``features`` or ``end2end``.
+        coords: end2end: output folder of ``slidemil tile`` (``coords/<slide_id>.h5``, ``tiling_config.json``).
+        slides: end2end: the slide files (folder, glob or CSV ``slide_id,path[,mpp]``); empty: a
+            ``path`` column of the metadata, else the slides the coords folder was tiled from.
         class_names: class order and display names; empty: from the labels.
         skip_missing: drop slides whose feature file is missing or unreadable (with a warning).
         max_patches: tiles drawn at random per bag and step at train time; None: all tiles.
+        eval_patches: end2end: tiles per validation/test slide, a fixed seeded subset; None: all.
         batch_size: bags per optimisation step and process (the effective batch is this x ranks).
         workers: DataLoader worker processes (0: load in the training process).
+        prefetch: batches each worker loads ahead.
         cache: keep every bag in memory after the first read (when the cohort fits).
         split_fractions: train/val/test shares of the seeded split when the table has no ``split``.
         val_fraction: share of each cross-validation fold's non-test slides used for validation.
@@ -39,20 +46,27 @@ class DataConfig:
     metadata: str = ""
     features: str = ""
     mode: str = "features"
+    coords: str = ""
+    slides: str = ""
     class_names: tuple[str, ...] = ()
     skip_missing: bool = False
     max_patches: int | None = 512
+    eval_patches: int | None = 1024
     batch_size: int = 1
     workers: int = 0
+    prefetch: int = 2
     cache: bool = False
     split_fractions: tuple[float, ...] = (0.6, 0.2, 0.2)
     val_fraction: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.max_patches is not None and self.max_patches < 1:
-            raise ConfigError(f"max_patches must be >= 1 or None (all tiles), got {self.max_patches}")
-        if self.batch_size < 1 or self.workers < 0:
-            raise ConfigError(f"need batch_size >= 1 and workers >= 0, got {self.batch_size}, {self.workers}")
+        for name in ("max_patches", "eval_patches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or None (all tiles), got {value}")
+        if self.batch_size < 1 or self.workers < 0 or self.prefetch < 1:
+            raise ConfigError(f"need batch_size >= 1, workers >= 0 and prefetch >= 1, got {self.batch_size}, "
+                              f"{self.workers}, {self.prefetch}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,71 @@ class ModelConfig:
     attention_dim: int = 128
     dropout: float = 0.25
     standardize: bool = True
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The tile backbone of end-to-end training (``data.mode: end2end``).
+
+    Attributes:
+        name: a registered backbone, a timm name, or ``hf-hub:<repo>``.
+        weights: ``pretrained`` (timm/hf-hub), ``random``, or a local weights file.
+        lr: peak learning rate of the backbone's parameters; None: ``optim.lr``.
+        freeze: keep the whole backbone fixed (BatchNorm statistics included); only the head trains.
+        freeze_until: freeze the backbone up to and including this module, in the order the model
+            defines its parameters (``layer3``: only a ResNet's ``layer4`` trains; ``blocks.9``).
+        batchnorm: ``frozen``: BatchNorm layers keep their running statistics (eval mode; their
+            scale and shift still train); ``train``: they normalise by the statistics of each batch.
+            A batch is one or a few bags, i.e. the tiles of one slide: batch statistics normalise
+            away the slide-level differences the head must see and differ from the running
+            statistics evaluation uses, so ``frozen`` is the default.
+        grad_checkpointing: recompute activations in the backward pass (timm models that support it).
+        channels_last: NHWC memory for the convolutions.
+        chunk: tiles per backbone forward where no gradient is needed (evaluation).
+    """
+
+    name: str = "resnet50_trunc"
+    weights: str = "pretrained"
+    lr: float | None = None
+    freeze: bool = False
+    freeze_until: str | None = None
+    batchnorm: str = "frozen"
+    grad_checkpointing: bool = False
+    channels_last: bool = True
+    chunk: int = 256
+
+    def __post_init__(self) -> None:
+        if (self.lr is not None and self.lr <= 0) or self.chunk < 1:
+            raise ConfigError(f"need backbone lr > 0 and chunk >= 1, got {self.lr}, {self.chunk}")
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise ConfigError(f"batchnorm {self.batchnorm!r}: choose one of {list(BATCHNORM_MODES)}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Tile augmentation of end-to-end training, on the training device (see :mod:`slidemil.trainer.augment`).
+
+    Attributes:
+        enabled: augment training tiles (evaluation tiles never are).
+        flips: random flips and 90-degree rotations (the 8 symmetries of a square tile).
+        brightness, contrast, saturation: jitter factors drawn from ``[1 - s, 1 + s]``.
+        hue: hue rotation drawn from ``[-hue, hue]`` turns.
+        stain: H&E stain jitter (Tellez et al. 2019): each of the H, E, D channels becomes
+            ``s * (1 + a) + b`` with ``a, b`` from ``[-stain, stain]``; 0 disables it (0.05: light).
+    """
+
+    enabled: bool = True
+    flips: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.02
+    stain: float = 0.0
+
+    def __post_init__(self) -> None:
+        strengths = (self.brightness, self.contrast, self.saturation, self.stain)
+        if min(strengths) < 0 or max(strengths) >= 1 or not 0 <= self.hue <= 0.5:
+            raise ConfigError("augmentation strengths must be in [0, 1) and hue in [0, 0.5]")
 
 
 @dataclass(frozen=True)
@@ -103,6 +182,8 @@ class OptimConfig:
         warmup_epochs: linear warm-up from lr/steps, counted in optimisation steps.
         epochs: maximum number of epochs.
         grad_clip: maximum gradient norm; 0 disables clipping.
+        accumulate: batches per optimisation step (gradient accumulation); the effective
+            batch is ``batch_size`` x ``accumulate`` x ranks.
         patience: stop after this many epochs without improvement of ``monitor``; 0 disables.
         monitor: validation metric that picks the best checkpoint (ties broken by validation loss).
         min_lr_ratio: floor of the cosine schedule, relative to ``lr``.
@@ -114,6 +195,7 @@ class OptimConfig:
     warmup_epochs: int = 1
     epochs: int = 40
     grad_clip: float = 1.0
+    accumulate: int = 1
     patience: int = 12
     monitor: str = "auc"
     min_lr_ratio: float = 0.01
@@ -123,8 +205,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler {self.scheduler!r}: choose one of {list(SCHEDULERS)}")
-        if self.lr <= 0 or self.epochs < 1 or self.warmup_epochs < 0 or self.patience < 0:
-            raise ConfigError("need lr > 0, epochs >= 1, warmup_epochs >= 0 and patience >= 0")
+        if self.lr <= 0 or self.epochs < 1 or self.warmup_epochs < 0 or self.patience < 0 or self.accumulate < 1:
+            raise ConfigError("need lr > 0, epochs >= 1, warmup_epochs >= 0, patience >= 0 and accumulate >= 1")
         monitor_mode(self.monitor)  # raises ConfigError for a metric that cannot be monitored
 
 
@@ -161,10 +243,15 @@ class TrainConfig:
         threads: torch intra-op threads per process on CPU; None: torch's default (all cores, or
             ``OMP_NUM_THREADS``; torchrun sets it to 1 per rank). On a CPU shared with other jobs
             use 1: small heads lose more to thread synchronisation than they gain.
+        amp: mixed precision on CUDA (``amp_dtype`` float16 with loss scaling, or bfloat16).
+        calibrate: after training, fit a temperature on the validation slides and store it in the
+            best checkpoint's head (see :mod:`slidemil.trainer.calibrate`).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cv: CVConfig = field(default_factory=CVConfig)
@@ -174,6 +261,7 @@ class TrainConfig:
     threads: int | None = None
     amp: bool = False
     amp_dtype: str = "float16"
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

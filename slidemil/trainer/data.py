@@ -1,6 +1,6 @@
 """Label tables, bag datasets, padding collate and epoch samplers.
 
-A *bag* is one slide: its instances (tile features (N, D) here; tiles (N, 3, H, W) for end-to-end
+A *bag* is one slide: its instances (tile features (N, D) here; uint8 tiles (N, H, W, 3) for end-to-end
 training) and its label. Datasets return :class:`Bag`; :func:`collate_bags` pads bags to a batch
 with a mask. Every random draw (sampling order, tile subsets) is a function of the seed, the epoch
 and the slide index, so runs are reproducible, resumable, and the same whatever the number of
@@ -227,7 +227,7 @@ def _report_feature_problems(bad: dict[str, list[str]], features_dir: Path, skip
 class Bag(NamedTuple):
     """One slide as the model sees it."""
 
-    inputs: torch.Tensor  # (N, ...) instance inputs: features (N, D), or tiles (N, 3, H, W)
+    inputs: torch.Tensor  # (N, ...) instance inputs: features (N, D), or uint8 tiles (N, H, W, 3)
     label: int
     index: int  # position of the slide in its dataset
 

@@ -8,6 +8,7 @@ rank but 0. Without those variables it is a no-op single process, so the same co
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from slidemil.errors import ConfigError
 
@@ -125,3 +128,27 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
 def shard(n: int, ctx: DistContext) -> list[int]:
     """Indices ``rank, rank + world, ...`` of ``n`` items: each item on exactly one rank."""
     return list(range(ctx.rank, n, ctx.world_size))
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext) -> DistributedDataParallel:
+    """DDP without buffer syncing in forward (evaluation runs uneven shards on the plain module)."""
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, **no_sync)
+
+
+def average_batchnorm_statistics(model: nn.Module, ctx: DistContext) -> None:
+    """Average the running statistics of BatchNorm layers in training mode over ranks.
+
+    Each rank's statistics follow its own bags; averaging them after an epoch gives every rank the
+    same model to evaluate and save (layers in eval mode, e.g. frozen ones, have not moved).
+    """
+    if not ctx.distributed:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
+            for stat in (module.running_mean, module.running_var):
+                if stat is not None:
+                    dist.all_reduce(stat)
+                    stat.div_(ctx.world_size)

@@ -1,16 +1,17 @@
 """The training recipe, one loop for every mode: setup -> train -> save -> test -> cleanup.
 
 The loop sees a model ``BagBatch -> MILOutput`` and bag datasets (:mod:`slidemil.trainer.modes`);
-it owns the optimisation (AdamW, warm-up schedule, clipping, AMP), evaluation (every validation and
-test slide exactly once, sharded over ranks and gathered, so the numbers equal a single process's),
-early stopping, checkpoints and resume. Only rank 0 writes.
+it owns the optimisation (AdamW with parameter groups, warm-up schedule, gradient accumulation,
+clipping, AMP), evaluation (every validation and test slide exactly once, sharded over ranks and
+gathered, so the numbers equal a single process's), early stopping, checkpoints, resume and the
+optional temperature calibration of the best checkpoint. Only rank 0 writes.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import logging
-import random
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,16 +26,24 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from slidemil.atomic import atomic_path, write_json
-from slidemil.config import save_config
+from slidemil.config import config_changes, save_config
 from slidemil.errors import ConfigError
 from slidemil.trainer import checkpoint as ckpt
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.data import BagDataset, EpochSampler, collate_bags
-from slidemil.trainer.distributed import DistContext, all_gather_objects, all_reduce_sum, shard
+from slidemil.trainer.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    average_batchnorm_statistics,
+    shard,
+    wrap_ddp,
+)
 from slidemil.trainer.logs import RunLog
 from slidemil.trainer.losses import inverse_frequency_weights, make_loss, sample_weights_for_balancing
 from slidemil.trainer.metrics import compute_metrics, flat_metrics, is_better
 from slidemil.trainer.modes import Cohort, TrainingTask
+from slidemil.trainer.rng import rng_state, set_rng_state
 from slidemil.trainer.schedule import LRSchedule
 
 log = logging.getLogger(__name__)
@@ -81,25 +90,6 @@ class RunResult:
 Callback = Callable[["Trainer", EpochResult], None]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
     """One run: ``setup(resume)``, ``train()``, ``test()``, ``cleanup()``.
 
@@ -121,6 +111,7 @@ class Trainer:
         self.progress = Progress()
         self.best_state: dict[str, torch.Tensor] | None = None
         self.runlog: RunLog | None = None
+        self.calibration: dict[str, Any] | None = None
 
     # --- setup ---------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> None:
@@ -140,7 +131,8 @@ class Trainer:
         params = self.task.param_groups or [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.monitor = self._choose_monitor()
-        self.schedule = LRSchedule(self.optimizer, cfg.optim, len(self.loader), self.monitor)
+        steps_per_epoch = math.ceil(len(self.loader) / cfg.optim.accumulate)
+        self.schedule = LRSchedule(self.optimizer, cfg.optim, steps_per_epoch, self.monitor)
         self.amp = cfg.amp and ctx.device.type == "cuda"
         if cfg.amp and not self.amp:
             log.warning("--amp applies to CUDA only; training in float32 on %s", ctx.device)
@@ -160,6 +152,7 @@ class Trainer:
         workers = self.cfg.data.workers
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_bags,
                           num_workers=workers, persistent_workers=workers > 0,
+                          prefetch_factor=self.cfg.data.prefetch if workers > 0 else None,
                           pin_memory=self.ctx.device.type == "cuda")
 
     def _class_weights(self, train: BagDataset) -> torch.Tensor | None:
@@ -206,7 +199,7 @@ class Trainer:
         set_rng_state(rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0])
         if (self.out / f"{BEST}.json").is_file():
             self.best_state, _ = ckpt.load_weights(self.out / BEST)
-        changed = _config_changes(meta.get("train_config", {}), self.cfg.to_dict())
+        changed = config_changes(meta.get("train_config", {}), self.cfg.to_dict())
         if changed:
             log.warning("resuming with changed settings: %s", changed)
         log.info("resuming %s from epoch %d (best epoch %d)", self.out, self.progress.epoch, self.progress.best_epoch)
@@ -234,27 +227,44 @@ class Trainer:
                 callback(self, result)
 
     def train_epoch(self, epoch: int) -> tuple[float, int, float]:
-        """One pass over the training bags; returns (mean loss, bags over all ranks, seconds)."""
+        """One pass over the training bags; returns (mean loss, bags over all ranks, seconds).
+
+        With ``accumulate`` k, gradients of k batches (fewer in the epoch's last group) are averaged
+        before each optimisation step.
+        """
         self.ddp.train()
         self.sampler.set_epoch(epoch)
-        start, total, count = time.perf_counter(), 0.0, 0
+        self.model.set_epoch(epoch)
+        start, total, count = time.perf_counter(), 0.0, 0.0
+        n, k = len(self.loader), self.cfg.optim.accumulate
         bar = tqdm(self.loader, desc=f"epoch {epoch}", unit="step", leave=False,
                    disable=not (self.ctx.is_main and self.cfg.log.progress) or None)
-        for batch in bar:
-            loss = self.train_step(batch.to(self.ctx.device, non_blocking=True))
+        for i, batch in enumerate(bar):
+            first = i - i % k
+            group = min(first + k, n) - first
+            loss = self.train_step(batch.to(self.ctx.device, non_blocking=True), i == first,
+                                   i == first + group - 1, 1.0 / group)
             total += loss * len(batch.labels)
             count += len(batch.labels)
             bar.set_postfix(loss=f"{loss:.4f}")
-        total, count = all_reduce_sum([total, float(count)], self.ctx)
+        average_batchnorm_statistics(self.model, self.ctx)
+        total, count = all_reduce_sum([total, count], self.ctx)
         return total / max(count, 1.0), int(count), time.perf_counter() - start
 
-    def train_step(self, batch: Any) -> float:
-        """Forward, backward, clip, step; returns the batch loss."""
-        with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            out = self.ddp(batch)
-        loss = self.loss_fn(out.logits.float(), batch.labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+    def train_step(self, batch: Any, first: bool = True, last: bool = True, scale: float = 1.0) -> float:
+        """Forward and backward of one batch (loss x ``scale``); on the ``last`` batch of an
+        accumulation group also clip and step. Returns the batch loss."""
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+        ddp = self.ddp if isinstance(self.ddp, DistributedDataParallel) else None
+        sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()  # all-reduce once
+        with sync:
+            with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                out = self.ddp(batch)
+            loss = self.loss_fn(out.logits.float(), batch.labels)
+            self.scaler.scale(loss * scale if scale != 1.0 else loss).backward()
+        if not last:
+            return float(loss.detach())
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -283,25 +293,30 @@ class Trainer:
 
     # --- evaluate ------------------------------------------------------------------------------
     @torch.no_grad()
+    def predict(self, part: str) -> list[tuple[int, np.ndarray, np.ndarray, float]]:
+        """``(index, logits (C), probabilities (C), loss)`` of every slide of ``part``, in dataset order."""
+        dataset = self.task.datasets[part]
+        self.model.eval()
+        if part not in self.eval_loaders:
+            self.eval_loaders[part] = self._loader(dataset, shard(len(dataset), self.ctx), 1)
+        mine = []
+        for batch in self.eval_loaders[part]:
+            batch = batch.to(self.ctx.device, non_blocking=True)
+            with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                logits = self.model(batch).logits.float()
+            loss = float(self.loss_fn(logits, batch.labels))
+            mine.append((int(batch.indices[0]), logits[0].cpu().numpy(), torch.softmax(logits, -1)[0].cpu().numpy(),
+                         loss))
+        return sorted((r for rank_rows in all_gather_objects(mine, self.ctx) for r in rank_rows), key=lambda r: r[0])
+
     def evaluate(self, part: str) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
         """Metrics and per-slide predictions of every slide of ``part`` (None when it is empty)."""
         dataset = self.task.datasets[part]
         if len(dataset) == 0:
             return None, None
-        self.model.eval()
-        if part not in self.eval_loaders:
-            self.eval_loaders[part] = self._loader(dataset, shard(len(dataset), self.ctx), 1)
-        loader = self.eval_loaders[part]
-        mine = []
-        for batch in loader:
-            batch = batch.to(self.ctx.device, non_blocking=True)
-            with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                logits = self.model(batch).logits.float()
-            loss = float(self.loss_fn(logits, batch.labels))
-            mine.append((int(batch.indices[0]), torch.softmax(logits, -1)[0].cpu().numpy(), loss))
-        rows = sorted((r for rank_rows in all_gather_objects(mine, self.ctx) for r in rank_rows), key=lambda r: r[0])
-        probs = np.stack([r[1] for r in rows]).astype(np.float64)
-        metrics = compute_metrics(dataset.labels, probs, self.class_names, loss=float(np.mean([r[2] for r in rows])))
+        rows = self.predict(part)
+        probs = np.stack([r[2] for r in rows]).astype(np.float64)
+        metrics = compute_metrics(dataset.labels, probs, self.class_names, loss=float(np.mean([r[3] for r in rows])))
         return metrics, self._prediction_frame(dataset, probs, part)
 
     def _prediction_frame(self, dataset: BagDataset, probs: np.ndarray, part: str) -> pd.DataFrame:
@@ -314,9 +329,11 @@ class Trainer:
         return frame
 
     # --- save ----------------------------------------------------------------------------------
-    def checkpoint_meta(self, epoch: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
-        return {**self.task.meta, "epoch": epoch, "metrics": metrics or {}, "class_names": self.class_names,
-                "train_config": self.cfg.to_dict(), "monitor": self.monitor}
+    def checkpoint_meta(self, epoch: int, metrics: dict[str, Any] | None,
+                        weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The checkpoint JSON of ``weights`` saved after ``epoch``."""
+        return {**self.task.meta, **self.model.checkpoint_meta(weights), "epoch": epoch, "metrics": metrics or {},
+                "class_names": self.class_names, "train_config": self.cfg.to_dict(), "monitor": self.monitor}
 
     def _save_epoch(self, result: EpochResult) -> None:
         rngs = all_gather_objects(rng_state(), self.ctx)
@@ -325,8 +342,8 @@ class Trainer:
                 self._write_epoch(result, rngs)
 
     def _write_epoch(self, result: EpochResult, rngs: list[Any]) -> None:
-        meta = self.checkpoint_meta(result.epoch, result.val)
         weights = self.model.checkpoint_state()
+        meta = self.checkpoint_meta(result.epoch, result.val, weights)
         if result.improved:
             ckpt.save_checkpoint(self.out / BEST, weights, meta)
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -346,6 +363,9 @@ class Trainer:
         """Evaluate the best checkpoint on validation and test slides and write the test outputs."""
         if self.best_state is not None:
             self.model.load_checkpoint_state(self.best_state)  # exactly the weights load_head gives
+        if self.cfg.calibrate:
+            from slidemil.trainer.calibrate import calibrate_best
+            self.calibration = calibrate_best(self)
         val, val_pred = self.evaluate("val")
         test, test_pred = self.evaluate("test")
         best = self.progress.best_epoch
@@ -355,7 +375,8 @@ class Trainer:
             if test is None:
                 log.warning("no test slides: no test_metrics.json")
             else:
-                write_json(self.out / "test_metrics.json", {**test, "best_epoch": best})
+                extra = {"temperature": self.calibration["temperature"]} if self.calibration else {}
+                write_json(self.out / "test_metrics.json", {**test, "best_epoch": best, **extra})
                 _write_csv(test_pred, self.out / "test_predictions.csv")
                 assert self.runlog is not None
                 self.runlog.final({k: v for k, v in flat_metrics(test).items() if k != "n"}, best, "test/")
@@ -371,14 +392,6 @@ class Trainer:
             self.runlog = None
 
 
-def wrap_ddp(model: torch.nn.Module, ctx: DistContext) -> DistributedDataParallel:
-    """DDP without buffer syncing in forward (evaluation runs uneven shards on the plain module)."""
-    no_sync = ({"forward_sync_buffers": False}
-               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-               else {"broadcast_buffers": False})
-    return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, **no_sync)
-
-
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
@@ -386,14 +399,3 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += _config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return changes

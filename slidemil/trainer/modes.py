@@ -3,8 +3,9 @@
 A mode validates its cohort (:meth:`TrainingMode.load_cohort`) and builds a :class:`TrainingTask`:
 a :class:`MILModel` ``BagBatch -> MILOutput`` whose checkpoint weights are keyed ``head.*`` (and
 ``backbone.*`` for a model that trains its backbone), datasets for train/val/test, and what the
-checkpoint must record about the backbone. The end-to-end mode registers itself here with its own tile-bag dataset
-and a backbone + head model; the loop, checkpoints, metrics and DDP are shared.
+checkpoint must record about the backbone. The end-to-end mode (:mod:`slidemil.trainer.end2end`)
+registers itself here with its own tile-bag dataset and a backbone + head model; the loop,
+checkpoints, metrics and DDP are shared.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def register_mode(name: str) -> Callable[[Callable[[], TrainingMode]], Callable[
 
 
 def get_mode(name: str) -> TrainingMode:
+    from slidemil.trainer import end2end  # noqa: F401  (registers "end2end")
     if name not in MODES:
         raise ConfigError(f"unknown training mode {name!r}; choose one of {sorted(MODES)}")
     return MODES[name]()
@@ -121,6 +123,21 @@ class MILModel(nn.Module):
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(state)
+
+    def checkpoint_meta(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Checkpoint JSON fields that depend on the weights ``state`` being saved (e.g. a fine-tuned
+        backbone's card); merged over the task's meta."""
+        return {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (for draws keyed by the epoch)."""
+
+    def set_temperature(self, temperature: float) -> None:
+        """Store a calibration temperature in the head (it divides the logits)."""
+        head = getattr(self, "head", None)
+        if not isinstance(head, AttentionMIL):
+            raise ConfigError(f"{type(self).__name__} has no attention-MIL head to calibrate")
+        head.temperature.fill_(float(temperature))
 
 
 class FeatureMIL(MILModel):

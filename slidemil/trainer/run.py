@@ -17,8 +17,9 @@ import torch
 from slidemil.errors import ConfigError, LabelTableError
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.distributed import DistContext, process_group
-from slidemil.trainer.loop import Callback, RunResult, Trainer, seed_everything
+from slidemil.trainer.loop import Callback, RunResult, Trainer
 from slidemil.trainer.modes import Cohort, TrainingMode, get_mode
+from slidemil.trainer.rng import seed_everything
 from slidemil.trainer.splits import load_splits, save_splits, train_val_test_split
 
 log = logging.getLogger(__name__)
