@@ -13,7 +13,6 @@ built) and its peak RSS. Prints medians with min-max and the ratio (the pipeline
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -48,13 +47,16 @@ def extract_run(args: argparse.Namespace, work: Path, out: Path) -> tuple[float,
     cmd = [sys.executable, "-m", "slidemil", "extract", str(work / "cohort" / "slides"), "--coords", str(work / "tiles"),
            "--out", str(out), "--backbone", args.backbone, "--backend", args.backend, "--precision", args.precision,
            "--device", "cpu", "--batch-size", str(args.batch), "--workers", str(args.workers)]
-    with open(out.parent / f"{out.name}.log", "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"extract failed, see {out.parent / f'{out.name}.log'}")
+    # GNU time measures its own child, which it forks small: ru_maxrss of a child forked from this
+    # (large) benchmark process would include the benchmark's memory.
+    log_path = out.parent / f"{out.name}.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", *cmd], stdout=subprocess.DEVNULL, stderr=log_file)
+    if proc.returncode:
+        raise RuntimeError(f"extract failed, see {log_path}")
+    peak_kb = next(int(line.split()[1]) for line in log_path.read_text().splitlines() if line.startswith("PEAK_KB"))
     table = pd.read_csv(out / "extraction.csv")
-    return table.n_tiles.sum() / table.seconds.sum(), usage.ru_maxrss / 1024
+    return table.n_tiles.sum() / table.seconds.sum(), peak_kb / 1024
 
 
 def main() -> None:

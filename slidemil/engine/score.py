@@ -169,6 +169,18 @@ def _overlap_attention(stream: SlideStream, models: list[LoadedModel], cfg: Scor
     return grid.coords, scores, grid.patch_size_level0
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB (VmHWM: unlike ru_maxrss, not inherited across fork/exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def _summary(table: PredictionsTable, models: list[LoadedModel], cfg: ScoreConfig, n_tiles: int,
              wall: float, load: float, n_scored: int) -> dict[str, Any]:
     rows = list(table.rows.values())
@@ -180,4 +192,5 @@ def _summary(table: PredictionsTable, models: list[LoadedModel], cfg: ScoreConfi
             "tiles_per_s": round(n_tiles / wall, 2) if wall > 0 else None,
             "tiles_per_s_after_load": round(n_tiles / scoring, 2) if scoring > 0 else None,
             "backend": [m.backbone.describe() for m in models], "device": cfg.device,
+            "peak_rss_mb": peak_rss_mb(),
             "attention_norm": cfg.attention_norm}
