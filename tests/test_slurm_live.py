@@ -38,6 +38,7 @@ from tests.slurm.fixtures import (
     wait_finished,
     wait_for,
 )
+from tests.trainer_fixtures import assert_same_metrics
 
 pytestmark = pytest.mark.slurm
 
@@ -260,9 +261,6 @@ def test_extract_array_writes_every_slide_once(extract_array_run):
         assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.xfail(reason="extraction.csv is rewritten whole by each shard: concurrent array tasks drop "
-                          "each other's rows (same for score's predictions.csv); see the SLURM issue",
-                   strict=False)
 def test_extract_array_table_lists_every_slide(extract_array_run):
     import pandas as pd
 
@@ -325,8 +323,8 @@ def _same_training(run: Path, reference: Path) -> None:
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=f"{name}:{key}")
-    assert json.loads((run / "test_metrics.json").read_text()) == pytest.approx(
-        json.loads((reference / "test_metrics.json").read_text()))
+    assert_same_metrics(json.loads((run / "test_metrics.json").read_text()),
+                        json.loads((reference / "test_metrics.json").read_text()))
 
 
 def test_train_sbatch_two_cpu_ranks_match_a_direct_run(live_slurm, feature_cohort, direct_ddp_run, tmp_path):
@@ -421,8 +419,6 @@ def test_score_array_scores_every_slide_once(score_array_run):
     assert sorted(p.stem for p in (out / "heatmaps").glob("*.npy")) == slide_ids
 
 
-@pytest.mark.xfail(reason="predictions.csv is rewritten whole by each shard: concurrent array tasks drop "
-                          "each other's rows; see the SLURM issue", strict=False)
 def test_score_array_predictions_list_every_slide_once(score_array_run):
     import pandas as pd
 
