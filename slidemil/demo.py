@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from slidemil.atomic import atomic_path
 from slidemil.cli import command
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     summary = score_slides([package.root], held_out, out / "scores", ScoreConfig(top_k=4))
     times["score"] = _lap(start, times)
     from slidemil.report.report import build_report
-    build_report(out / "scores", out / "report", labels_csv=out / "cohort" / "metadata.csv")
+    build_report(out / "scores", out / "report", labels_csv=held_out)
     times["report"] = _lap(start, times)
     return _figures(out, run, summary, times)
 
@@ -93,13 +94,14 @@ def _train(out: Path, cfg: DemoConfig) -> Any:
 
 
 def _held_out_slides(out: Path, table: pd.DataFrame) -> Path:
-    """A slide table of the test split (slides the head never saw), for the engine."""
+    """A slide table of the test split (slides the head never saw), for the engine and the report."""
     splits = pd.read_csv(out / "train" / "splits.csv", dtype={"slide_id": str})
     test_ids = set(splits.loc[splits.split == "test", "slide_id"])
-    rows = table[table.slide_id.astype(str).isin(test_ids)][["slide_id", "path"]].copy()
+    rows = table[table.slide_id.astype(str).isin(test_ids)][["slide_id", "path", "label", "patient_id"]].copy()
     rows["path"] = [str((out / "cohort" / p).resolve()) for p in rows.path]
     path = out / "held_out_slides.csv"
-    rows.to_csv(path, index=False)
+    with atomic_path(path) as tmp:
+        rows.to_csv(tmp, index=False)
     return path
 
 

@@ -17,7 +17,6 @@ from sklearn.metrics import roc_auc_score
 from slidemil.cli import main
 from slidemil.engine.runners import RUNNERS, available_backends
 from slidemil.engine.score import ScoreConfig, score_slides
-from slidemil.slide.store import read_h5  # noqa: F401  (keeps the store importable beside the engine)
 from slidemil.slide.table import SlideEntry, select_shard
 from tests.engine_fixtures import lesion_fraction_of_tiles, make_package
 

@@ -89,7 +89,7 @@ def _done(table: PredictionsTable, out: Path, slide_id: str, cfg: ScoreConfig) -
 def _run(models: list[LoadedModel], todo: list[Any], out: Path, cfg: ScoreConfig, tiling: TilingConfig,
          table: PredictionsTable, class_names: list[str]) -> int:
     total = 0
-    bar = tqdm(total=sum(1 for _ in todo), desc="score", unit="slide", disable=None)
+    bar = tqdm(total=len(todo), desc="score", unit="slide", disable=None)
     with TilePipeline(cfg.reading, tiling) as pipeline, ThreadPoolExecutor(1, thread_name_prefix="writer") as writer:
         pending: list[Future[None]] = []
         for stream in pipeline.run(todo):
