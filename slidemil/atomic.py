@@ -86,6 +86,24 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")
 
 
+def remove_temporaries_of(path: str | os.PathLike[str]) -> int:
+    """Delete temporaries that ``atomic_path(path)`` left behind when a run was killed; return how many.
+
+    Only this exact file's temporaries match (``.tmp-<stem>-<8 random chars><suffix>``), so a
+    temporary that another process is writing for another file is never touched.
+    """
+    import re
+    final = Path(path)
+    pattern = re.compile(rf"^{re.escape(TMP_MARK + final.stem)}-[a-z0-9_]{{8}}{re.escape(final.suffix)}$")
+    count = 0
+    if final.parent.is_dir():
+        for p in final.parent.glob(f"{TMP_MARK}*"):
+            if pattern.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                count += 1
+    return count
+
+
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> int:
     """Delete temporaries left by a killed run in ``folder`` (recursively); return how many."""
     count = 0

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from slidemil.atomic import atomic_path, file_lock
+from slidemil.atomic import atomic_path, file_lock, remove_temporaries_of
 from slidemil.errors import SlidemilError
 from slidemil.slide.table import SlideEntry
 
@@ -49,6 +49,7 @@ class BatchLog:
         self.rows[slide_id] = row
         self._mine.add(slide_id)
         with file_lock(self.path):
+            remove_temporaries_of(self.path)  # left by a killed writer; none is being written now
             self.rows = {**self._read(), **{k: v for k, v in self.rows.items() if k in self._mine}}
             self.flush()
 

@@ -95,3 +95,13 @@ def test_tile_real_skin_at_half_micron(tmp_path, shared_data):
                  "--patch-size", "256"]) == 0
     bag = read_h5(out / "coords" / "CMU-1-Small-Region.h5")
     assert bag.attrs.patch_size_level0 == 257 and 20 <= len(bag.coords) <= 60
+
+
+def test_temporaries_of_a_killed_write_are_removed_and_only_those(tmp_path):
+    from slidemil.atomic import remove_temporaries_of
+    stale = [tmp_path / ".tmp-s1-abcd1234.h5", tmp_path / ".tmp-s1-zz_99xyz.h5"]
+    other = [tmp_path / ".tmp-s1-b-abcd1234.h5", tmp_path / ".tmp-s1-abcd1234.png", tmp_path / "s1.h5"]
+    for p in stale + other:
+        p.write_bytes(b"x")
+    assert remove_temporaries_of(tmp_path / "s1.h5") == 2
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in other)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from slidemil.atomic import TMP_MARK, atomic_path, file_lock, write_json
+from slidemil.atomic import TMP_MARK, atomic_path, file_lock, remove_temporaries_of, write_json
 from slidemil.engine.heatmap import attention_grid, grid_sidecar, grid_to_pixels, overlay_png
 from slidemil.slide.grid import TileGrid
 from slidemil.slide.tiling import write_png
@@ -300,6 +300,8 @@ class PredictionsTable:
         self.rows[clean["slide_id"]] = clean
         self._mine.add(clean["slide_id"])
         with file_lock(self.csv_path):  # shards of one job (SLURM arrays) share the table
+            remove_temporaries_of(self.csv_path)  # left by a killed writer; none is being written now
+            remove_temporaries_of(self.json_path)
             self.rows = {**self._read(), **{k: v for k, v in self.rows.items() if k in self._mine}}
             self.flush()
 

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from slidemil.atomic import remove_temporaries_of
 from slidemil.config import save_config
 from slidemil.engine.heatmap import normalize_attention
 from slidemil.engine.models import LoadedModel, open_models
-from slidemil.engine.outputs import PredictionsTable, outputs_complete, write_run_summary
+from slidemil.engine.outputs import PredictionsTable, outputs_complete, slide_paths, write_run_summary
 from slidemil.engine.pipeline import PipelineConfig, SlideStream, TilePipeline
 from slidemil.engine.slide_outputs import SlideResult, write_slide_outputs
 from slidemil.errors import NoTissueError, SlidemilError
@@ -72,6 +73,9 @@ def score_slides(model_dirs: list[str | Path], slides: str | Path, out_dir: str 
         save_config(cfg, out / "score_config.json", models=[str(m) for m in model_dirs], tiling=tiling,
                     slides=str(slides), shard=shard)
         todo = [e for e in entries if not _done(table, out, e.slide_id, cfg)]
+        for entry in todo:  # a killed run may have left temporaries of these slides' files
+            for path in slide_paths(out, entry.slide_id).values():
+                remove_temporaries_of(path)
         log.info("%d slides to score (%d already done)", len(todo), len(entries) - len(todo))
         n_tiles = _run(models, todo, out, cfg, tiling, table, class_names)
         summary = _summary(table, models, cfg, n_tiles, time.perf_counter() - start, load_seconds, len(todo))

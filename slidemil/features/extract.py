@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slidemil.atomic import write_text
+from slidemil.atomic import remove_temporaries_of, write_text
 from slidemil.batch import BatchLog
 from slidemil.config import from_dict, save_config
 from slidemil.engine.pipeline import PipelineConfig, SlideStream, TilePipeline
@@ -131,6 +131,8 @@ def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig
     batch = BatchLog(out / "extraction.csv", EXTRACT_COLUMNS)
     todo = [e for e in entries if not (is_complete(features_path(out, e.slide_id), need_features=True)
                                        and (batch.get(e.slide_id) or {}).get("status") == "ok")]
+    for entry in todo:  # a killed run may have left a temporary of this slide's file
+        remove_temporaries_of(features_path(out, entry.slide_id))
     if not todo:
         log.info("all %d slides already have features in %s", len(entries), out)
         return batch

@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from slidemil.atomic import atomic_path
+from slidemil.atomic import atomic_path, remove_temporaries_of
 from slidemil.batch import BatchLog, run_batch
 from slidemil.config import save_config
 from slidemil.errors import NoTissueError
@@ -90,6 +90,8 @@ def coords_path(out_dir: str | Path, slide_id: str) -> Path:
 
 def tile_slide(entry: SlideEntry, out_dir: Path, cfg: TilingConfig) -> dict[str, Any]:
     """Tile one slide: ``coords/<id>.h5`` and ``masks/<id>.png``; returns its row for tiling.csv."""
+    for path in (coords_path(out_dir, entry.slide_id), out_dir / "masks" / f"{entry.slide_id}.png"):
+        remove_temporaries_of(path)  # left by a killed run
     with open_slide(entry.path, mpp=entry.mpp) as reader:
         plan = plan_tiles(reader, cfg)
     write_png(out_dir / "masks" / f"{entry.slide_id}.png", draw_tiling(plan))
