@@ -43,7 +43,7 @@ def command(name: str, help_text: str, options: Callable[[argparse.ArgumentParse
 
 
 # -- shared option blocks ------------------------------------------------------------------
-def add_tiling_options(p: argparse.ArgumentParser, defaults_from_model: bool = False) -> None:
+def add_tiling_options(p: argparse.ArgumentParser) -> None:
     """Tile geometry and tissue options (``tile``, ``extract --tile``, ``score`` overrides)."""
     g = p.add_argument_group("tiling")
     g.add_argument("--patch-size", type=int, help="tile size in pixels at the target mpp (256)")

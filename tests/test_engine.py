@@ -162,3 +162,29 @@ def test_openvino_matches_onnxruntime(package, scored, tmp_path):
         ov = pd.read_csv(out / "predictions.csv").iloc[0]
         ref = pd.read_csv(scored / "predictions.csv").iloc[0]
         assert abs(ov.prob_tumour - ref.prob_tumour) <= tol and ov.pred_class == ref.pred_class
+
+
+
+def test_overlapping_heatmap_is_written_over_the_tissue(package, scored, tmp_path):
+    model_dir, slides, _ = package
+    score_slides([model_dir], slides, tmp_path, ScoreConfig(backend="onnxruntime", device="cpu", top_k=0,
+                                                           geojson=False, heatmap_overlap=0.5))
+    sidecar = json.loads((tmp_path / "heatmaps" / "lesion.json").read_text())
+    dense = np.load(tmp_path / "heatmaps" / "lesion.overlap.npy")
+    assert sidecar["overlap_map"]["file"] == "lesion.overlap.npy"
+    assert np.nanmin(dense) >= 0.0 and np.nanmax(dense) <= 1.0
+    # the overlapping grid covers at least the tissue the model's grid covers
+    grid = np.load(scored / "heatmaps" / "lesion.npy")
+    rows = ((np.arange(dense.shape[0]) + 0.5) * sidecar["level0_size"][1] / dense.shape[0]
+            / sidecar["stride_level0"]).astype(int)
+    cols = ((np.arange(dense.shape[1]) + 0.5) * sidecar["level0_size"][0] / dense.shape[1]
+            / sidecar["stride_level0"]).astype(int)
+    inside = (rows[:, None] < grid.shape[0]) & (cols[None, :] < grid.shape[1])
+    on_grid = np.zeros(dense.shape, bool)
+    on_grid[inside] = np.isfinite(grid[np.minimum(rows, grid.shape[0] - 1)[:, None],
+                                       np.minimum(cols, grid.shape[1] - 1)[None, :]])[inside]
+    assert np.isfinite(dense[on_grid]).all()
+    # the prediction stays on the model's grid
+    a = pd.read_csv(scored / "predictions.csv").iloc[0]
+    b = pd.read_csv(tmp_path / "predictions.csv").iloc[0]
+    assert a.prob_tumour == pytest.approx(b.prob_tumour, abs=1e-6)
