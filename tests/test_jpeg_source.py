@@ -14,7 +14,7 @@ import torch
 
 from slidemil.errors import SlideOpenError, SlideReadError
 from slidemil.slide.jpeg_source import JpegTileSource, area_resize
-from slidemil.slide.jpeg_tiff import ADOBE_RGB_SEGMENT, rgb_jpeg
+from slidemil.slide.jpeg_tiff import ADOBE_RGB_SEGMENT, rgb_jpeg, scan_flaw
 from slidemil.slide.reader import open_slide
 from slidemil.slide.sources import ReaderTileSource, open_tile_source
 
@@ -35,15 +35,19 @@ def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 def _write_tiff(path: Path, img: np.ndarray, photometric: str = "ycbcr", levels: int = 3,
-                subsampling: tuple[int, int] = (2, 2), level_compression: tuple[str, ...] = ()) -> Path:
-    """A generic tiled TIFF pyramid (256 px tiles), each level half the previous (OpenSlide 'generic-tiff')."""
+                subsampling: tuple[int, int] = (2, 2), level_compression: tuple[str, ...] = (),
+                optimize: bool = False) -> Path:
+    """A generic tiled TIFF pyramid (256 px tiles), each level half the previous (OpenSlide 'generic-tiff').
+
+    ``optimize``: JPEG tiles with their own optimised Huffman tables instead of the standard ones.
+    """
     with tifffile.TiffWriter(path) as tw:
         for i in range(levels):
             compression = level_compression[i] if i < len(level_compression) else "jpeg"
             kw = dict(tile=(256, 256), photometric="rgb", metadata=None, subfiletype=1 if i else 0,
                       compression=compression)
             if compression == "jpeg":
-                kw["compressionargs"] = {"outcolorspace": photometric}
+                kw["compressionargs"] = {"outcolorspace": photometric, "optimize": optimize}
                 kw["subsampling"] = subsampling
             tw.write(img, **kw)
             img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
@@ -192,6 +196,109 @@ def test_unreadable_fixture_and_truncated_file_are_read_errors(shared_data, tiff
         f.truncate(path.stat().st_size // 2)
     with pytest.raises(SlideOpenError, match="cut.tiff"):
         JpegTileSource(path)
+
+
+def _scan_start(tile: bytes) -> int:
+    """Where a JPEG tile's entropy-coded data begin (after its start-of-scan header)."""
+    sos = tile.index(b"\xff\xda")
+    return sos + 2 + int.from_bytes(tile[sos + 2:sos + 4], "big")
+
+
+def _zero_scan(tile: bytes) -> bytes:
+    """The scan data zeroed up to the end-of-image marker (as a zeroed range of a file leaves them)."""
+    start = _scan_start(tile)
+    return tile[:start] + bytes(len(tile) - start - 2) + tile[-2:]
+
+
+def _cut_scan(tile: bytes) -> bytes:
+    """The scan data cut in half and closed with an end-of-image marker; zeros fill the rest of the tile."""
+    cut = (_scan_start(tile) + len(tile)) // 2
+    return tile[:cut] + b"\xff\xd9" + bytes(len(tile) - cut - 2)
+
+
+@pytest.fixture(scope="module")
+def damaged(tiffs, tmp_path_factory) -> Path:
+    """The YCbCr pyramid with three bad level-0 tiles (3 x 3 of them, 256 px).
+
+    Tile 1's scan data are zeroed and tile 5's cut short, both still closed by EOI: torchvision decodes
+    them to wrong pixels without an error (libjpeg only warns, on stderr). OpenSlide fails on tile 5 and
+    returns wrong pixels for tile 1 (its image is complete before its zeros end). Tile 7's byte count is
+    cut in half (no EOI): torchvision fails on it too.
+    """
+    path = tmp_path_factory.mktemp("damaged") / "damaged.tiff"
+    shutil.copy(tiffs["ycbcr22"], path)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        page = tif.pages[0]
+        offsets, counts = page.dataoffsets, page.databytecounts
+        for index, damage in ((1, _zero_scan), (5, _cut_scan)):
+            tif.filehandle.seek(offsets[index])
+            tile = tif.filehandle.read(counts[index])
+            tif.filehandle.seek(offsets[index])
+            tif.filehandle.write(damage(tile))
+        page.tags["TileByteCounts"].overwrite([*counts[:7], counts[7] // 2, *counts[8:]])
+    return path
+
+
+@pytest.mark.parametrize(("tile", "problem"), [
+    (1, r"a run of 32\+ zero bytes in its scan data .*, and the decoder never reaches the end of its data"),
+    (5, r"its last 8 x 8 block is the uniform grey .*, and OpenSlide fails on it \(Corrupt JPEG data: .+\)"),
+    (7, r"torchvision cannot decode it .*; OpenSlide fails on it too \(.+\)"),
+])
+def test_damaged_tile_is_a_read_error_saying_what_to_do(damaged, tile, problem):
+    x, y = 256 * (tile % 3), 256 * (tile // 3)
+    message = (rf"damaged\.tiff: JPEG tile {tile} of level 0 \(file offset \d+, \d+ bytes\) is corrupt: {problem}\. "
+               r"Copy the slide again from its source \(compare checksums\) or re-scan the glass slide$")
+    with JpegTileSource(damaged) as src:
+        with pytest.raises(SlideReadError, match=message):
+            src.read(np.array([[x, y]]), 256, 256)  # the file tile itself
+    with JpegTileSource(damaged) as src:
+        with pytest.raises(SlideReadError, match=f"tile {tile} of level 0"):
+            src.read(np.array([[0, 0], [x - 100, y]]), 200, 200)  # a batch, one tile straddling it
+    with JpegTileSource(damaged) as src:  # the tensor pipeline decodes through the same checks
+        with pytest.raises(SlideReadError, match=f"tile {tile} of level 0"):
+            src.read_device(np.array([[x, y]]), 256, 256, "cpu")
+
+
+def test_sound_tiles_of_a_damaged_slide_stay_identical_to_openslide(damaged):
+    aligned = np.array([[256 * (i % 3), 256 * (i // 3)] for i in (0, 2, 3, 4, 6, 8)])
+    ours, theirs = _both(damaged, aligned, 256, 256)
+    assert np.array_equal(ours, theirs)
+    unaligned = np.array([[10, 30], [0, 300], [20, 340], [-40, 500], [300, 300], [520, 550]])  # on tiles 0, 3, 4, 6, 8
+    ours, theirs = _both(damaged, unaligned, 200, 200)
+    assert np.array_equal(ours, theirs)
+
+
+def test_sound_tiles_that_look_damaged_are_cleared(tmp_path, monkeypatch):
+    # With optimised Huffman tables a flat tile is all zero bits, and a tile may end in flat grey 128:
+    # both bear the marks the screens look for, and a closer look clears them.
+    img = _image(512, 512, seed=1)
+    img[:256, :256] = 255  # tile 0: flat white
+    img[512 - 48:, 256 - 48:256] = 128  # tile 2 ends in flat mid-grey
+    path = _write_tiff(tmp_path / "flat.tiff", img, levels=1, optimize=True)
+    flagged: list[int] = []
+    original = JpegTileSource._confirm
+
+    def recording(self, level_index, level, index, stream, flaw):
+        flagged.append(index)
+        return original(self, level_index, level, index, stream, flaw)
+
+    monkeypatch.setattr(JpegTileSource, "_confirm", recording)
+    ours, theirs = _both(path, _grid(512, 512, 256), 256, 256)
+    assert flagged == [0, 2]
+    assert np.array_equal(ours, theirs)
+    assert (ours[0] == 255).all() and (ours[2][-8:, -8:] == 128).all()
+
+
+def test_scan_screen_marks():
+    import imagecodecs
+    tile = imagecodecs.jpeg8_encode(_image(64, 64), level=90)
+    assert scan_flaw(tile) is None
+    start = _scan_start(tile)
+    assert "zero bytes" in scan_flaw(_zero_scan(tile))
+    assert "marker 0xFFC4" in scan_flaw(tile[:start + 20] + b"\xff\xc4" + tile[start + 22:])
+    assert scan_flaw(tile[:start + 20] + b"\xff\x00\xff\xd3" + tile[start + 24:]) is None  # stuffed FF, RST3
+    assert "end-of-image" in scan_flaw(tile[:-2])
+    assert "start-of-scan" in scan_flaw(tile[:start - 10])
 
 
 # -- decoding, caching, device pipeline -------------------------------------------------------

@@ -10,7 +10,12 @@ fractional, OpenSlide (through cairo) interpolates bilinearly with 7-bit weights
 here to within 2 grey levels (mean about 0.15). nvJPEG on a GPU is about one grey level from libjpeg.
 
 Output tiles that straddle file tiles are assembled from them; each file tile is decoded once per
-pass in grid order thanks to a small LRU cache of decoded tiles (a couple of tile rows).
+pass in grid order thanks to a small LRU cache of decoded tiles (a couple of tile rows; ``tile_cache``).
+
+A damaged tile is a SlideReadError naming the file, level and tile, not wrong pixels: libjpeg only
+warns where scan data do not fit the image (torchvision prints that on stderr and returns the pixels),
+so each decoded tile is screened for the marks such damage leaves (``jpeg_tiff.scan_flaw``,
+``grey_end``: microseconds), and the rare flagged tile is judged by OpenSlide and a probe decode.
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import threading
-from collections import OrderedDict
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +33,16 @@ import numpy as np
 import torch
 
 from slidemil.errors import SlidemilError, SlideOpenError, SlideReadError
-from slidemil.slide.jpeg_tiff import JpegLevel, TileFile, open_jpeg_levels
+from slidemil.slide.jpeg_tiff import JpegLevel, TileFile, grey_end, open_jpeg_levels, scan_flaw, scan_leftover
 from slidemil.slide.sources import TileSource, register_source
+from slidemil.slide.tile_cache import Claim, LruTiles, acquire_file_cache, release_file_cache
 
 log = logging.getLogger(__name__)
 
 CACHE_MAX_BYTES = 256 * 2**20
 WEIGHT_BITS = 7  # pixman's bilinear weights, as OpenSlide's cairo painting uses them
 GPU_COLOUR_CHECK_TOLERANCE = 4.0  # mean abs grey levels between nvJPEG and libjpeg on one tile
+REMEDY = "Copy the slide again from its source (compare checksums) or re-scan the glass slide"
 
 
 @dataclass(frozen=True)
@@ -54,75 +60,6 @@ class _Plan:
     def ext(self) -> int:
         """Extra source row/column needed for the sub-pixel shift."""
         return int(bool(self.wx.any() or self.wy.any()))
-
-
-class _Claim:
-    """A tile one thread is decoding; others wait on ``done`` and take ``value`` (None if it failed)."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.value: Any = None
-
-
-class _LruTiles:
-    """Decoded file tiles keyed by (level, tile index), least recently used dropped first; thread-safe.
-
-    A thread that misses claims the key; other threads wanting it wait for it instead of decoding it too.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self._items: OrderedDict[tuple[int, int], Any] = OrderedDict()
-        self._pending: dict[tuple[int, int], _Claim] = {}
-        self._lock = threading.Lock()
-
-    def claim(self, key: tuple[int, int]) -> tuple[Any, _Claim | None]:
-        """(tile, None) if cached; (None, claim) if another thread decodes it; (None, None): decode it, then put."""
-        with self._lock:
-            item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-                return item, None
-            if key in self._pending:
-                return None, self._pending[key]
-            self._pending[key] = _Claim()
-            return None, None
-
-    def put(self, key: tuple[int, int], value: Any) -> None:
-        """Store a decoded tile (None: the decode failed) and release the threads waiting for it."""
-        with self._lock:
-            if value is not None:
-                self._items[key] = value
-                self._items.move_to_end(key)
-                while len(self._items) > self.capacity:
-                    self._items.popitem(last=False)
-            claim = self._pending.pop(key, None)
-        if claim is not None:
-            claim.value = value
-            claim.done.set()
-
-
-# The engine gives each reader thread its own source and deals batches round-robin: sources of
-# one file share their CPU tile cache, else straddled file tiles are decoded once per thread.
-_SHARED: dict[tuple[Any, ...], tuple[_LruTiles, int]] = {}
-_SHARED_LOCK = threading.Lock()
-
-
-def _acquire_cache(path: Path, capacity: int) -> tuple[tuple[Any, ...], _LruTiles]:
-    """The CPU tile cache of this file (same path, inode, size and mtime), shared by its open sources."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    with _SHARED_LOCK:
-        cache, users = _SHARED.get(key) or (_LruTiles(capacity), 0)
-        _SHARED[key] = (cache, users + 1)
-    return key, cache
-
-
-def _release_cache(key: tuple[Any, ...]) -> None:
-    with _SHARED_LOCK:
-        cache, users = _SHARED.pop(key)
-        if users > 1:
-            _SHARED[key] = (cache, users - 1)
 
 
 @register_source("jpeg")
@@ -147,8 +84,8 @@ class JpegTileSource(TileSource):
             self._reader.close()
             raise SlideOpenError(f"{self.path.name}: no level is stored as tiled JPEG; use the openslide tile source")
         self._file = TileFile(self.path)
-        self._cache_key, self._cache = _acquire_cache(self.path, cache_tiles or _default_capacity(self._levels))
-        self._device_cache = _LruTiles(self._cache.capacity)
+        self._cache_key, self._cache = acquire_file_cache(self.path, cache_tiles or _default_capacity(self._levels))
+        self._device_cache = LruTiles(self._cache.capacity)
         self._warned: set[int] = set()
         self._cpu_decode_levels: set[int] = set()  # levels whose nvJPEG colours failed the check
         self._checked_levels: set[int] = set()
@@ -238,7 +175,7 @@ class JpegTileSource(TileSource):
                    and not (plan.ix % level.tile_w).any() and not (plan.iy % level.tile_h).any())
         tiles: dict[int, Any] = {}
         missing: list[int] = []
-        waiting: list[tuple[int, _Claim]] = []
+        waiting: list[tuple[int, Claim]] = []
         for index in level.tiles_under(plan.ix.tolist(), plan.iy.tolist(), plan.size + plan.ext):
             if level.counts[index] == 0:
                 tiles[index] = None  # not stored: OpenSlide draws it transparent, i.e. white
@@ -267,8 +204,8 @@ class JpegTileSource(TileSource):
     def _decode(self, level_index: int, level: JpegLevel, indices: list[int], device: torch.device | None) -> list[Any]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        streams = [torch.frombuffer(bytearray(level.stream(self._file.read(int(level.offsets[i]), int(level.counts[i])))),
-                                    dtype=torch.uint8) for i in indices]
+        data = [level.stream(self._file.read(int(level.offsets[i]), int(level.counts[i]))) for i in indices]
+        streams = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
         on_gpu = device is not None and device.type != "cpu" and level_index not in self._cpu_decode_levels
         try:
             images = decode_jpeg(streams, mode=ImageReadMode.RGB, device=device if on_gpu else "cpu")
@@ -277,15 +214,16 @@ class JpegTileSource(TileSource):
         if on_gpu and level_index not in self._checked_levels:
             images = self._check_gpu_colours(level_index, streams, images, device)
         out = []
-        for index, image in zip(indices, images):
+        for index, image, stream in zip(indices, images, data):
             if tuple(image.shape) != (3, level.tile_h, level.tile_w):
                 raise SlideReadError(f"{self.path.name}: JPEG tile {index} of level {level_index} decodes to "
                                      f"{tuple(image.shape)}, not (3, {level.tile_h}, {level.tile_w}); the file is corrupt")
             hwc = image.permute(1, 2, 0)
-            if device is None:
-                out.append(hwc.numpy())
-            else:
-                out.append(hwc.to(device, non_blocking=True))
+            pixels = hwc.numpy() if hwc.device.type == "cpu" else None  # nvJPEG tiles: the byte screen only
+            flaw = scan_flaw(stream) or (grey_end(pixels) if pixels is not None else None)
+            if flaw is not None:
+                self._confirm(level_index, level, index, stream, flaw)
+            out.append(pixels if device is None else hwc.to(device, non_blocking=True))
         return out
 
     def _check_gpu_colours(self, level_index: int, streams: list[torch.Tensor], images: list[torch.Tensor],
@@ -316,9 +254,50 @@ class JpegTileSource(TileSource):
             try:
                 decode_jpeg(stream, mode=ImageReadMode.RGB)
             except RuntimeError as single:
-                return SlideReadError(f"{self.path.name}: JPEG tile {index} of level {level_index} "
-                                      f"(offset {int(level.offsets[index])}) cannot be decoded: {single}")
-        return SlideReadError(f"{self.path.name}: JPEG tiles of level {level_index} cannot be decoded: {exc}")
+                where = self._where(level_index, level, index)
+                problem = f"torchvision cannot decode it ({_first_line(single)})"
+                verdict = self._openslide_verdict(level_index, level, index)
+                if verdict is None:
+                    return SlideReadError(f"{where}: {problem}, though OpenSlide reads it; read this slide with "
+                                          "--tile-source openslide")
+                return SlideReadError(f"{where} is corrupt: {problem}; OpenSlide fails on it too ({verdict}). {REMEDY}")
+        return SlideReadError(f"{self.path.name}: JPEG tiles of level {level_index} cannot be decoded: "
+                              f"{_first_line(exc)}; read this slide with --tile-source openslide")
+
+    def _confirm(self, level_index: int, level: JpegLevel, index: int, stream: bytes, flaw: str) -> None:
+        """Raise SlideReadError when a decoded tile that bears a mark of damage is damaged.
+
+        libjpeg decodes scan data that do not fit the image with only a warning, which torchvision
+        prints on stderr and drops (no exception, no Python warning), so the tile comes out wrong.
+        ``scan_flaw`` and ``grey_end`` find the marks such damage leaves in microseconds. The few tiles
+        they flag are decoded by OpenSlide, which fails where the data run out before the image is
+        complete, and probed for data left over once it is (``scan_leftover``).
+        """
+        where = self._where(level_index, level, index)
+        verdict = self._openslide_verdict(level_index, level, index)
+        if verdict is not None:
+            raise SlideReadError(f"{where} is corrupt: {flaw}, and OpenSlide fails on it ({verdict}). {REMEDY}")
+        leftover = scan_leftover(stream, _decode_cpu)
+        if leftover is not None:
+            raise SlideReadError(f"{where} is corrupt: {flaw}, and {leftover}. {REMEDY}")
+        log.debug("%s: tile %d of level %d: %s, but it decodes soundly", self.path.name, index, level_index, flaw)
+
+    def _openslide_verdict(self, level_index: int, level: JpegLevel, index: int) -> str | None:
+        """OpenSlide's error decoding file tile ``index`` of the level, or None when it decodes it."""
+        row, col = divmod(index, level.tiles_across)
+        # One pixel amid the tile's part of the image: OpenSlide decodes that tile and no other.
+        x = (col * level.tile_w + min((col + 1) * level.tile_w, level.width)) // 2
+        y = (row * level.tile_h + min((row + 1) * level.tile_h, level.height)) // 2
+        ds = self._reader.level_downsamples[level_index]
+        try:  # the reader's own level read: no level choice, no resizing
+            self._reader._read_level(round(x * ds), round(y * ds), level_index, 1, 1)
+        except SlideReadError as exc:
+            return _first_line(exc.__cause__ or exc)
+        return None
+
+    def _where(self, level_index: int, level: JpegLevel, index: int) -> str:
+        return (f"{self.path.name}: JPEG tile {index} of level {level_index} "
+                f"(file offset {int(level.offsets[index])}, {int(level.counts[index])} bytes)")
 
     def _fallback(self, level: int) -> Any:
         if level not in self._warned:
@@ -328,11 +307,27 @@ class JpegTileSource(TileSource):
 
     def close(self) -> None:
         if self._cache_key is not None:
-            _release_cache(self._cache_key)
+            release_file_cache(self._cache_key)
             self._cache_key = None
-        self._device_cache = _LruTiles(1)
+        self._device_cache = LruTiles(1)
         self._file.close()
         self._reader.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message without the C++ source location torch puts before it."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"^[\w ]*, \S+\.(?:cpp|h):\d+, ", "", text)
+
+
+def _decode_cpu(data: bytes) -> np.ndarray | None:
+    """(3, H, W) uint8 pixels of a JPEG stream decoded by libjpeg, or None where it fails."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB).numpy()
+    except RuntimeError:
+        return None
 
 
 def _default_capacity(levels: list[JpegLevel | None]) -> int:

@@ -10,11 +10,14 @@ without its SOI. Photometric RGB tiles (Aperio writes RGB JPEG without the YCbCr
 Adobe APP14 segment with transform 0 right after SOI, and lose any JFIF APP0 or other APP14, so that
 decoders do not apply a YCbCr conversion: OpenSlide decodes them as RGB because the TIFF says so.
 ``JpegLevel`` also knows which file tiles a region covers and pastes decoded tiles into it.
+``scan_flaw``, ``grey_end`` and ``scan_leftover`` help tell damaged tile streams from sound ones.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +31,20 @@ JPEG_COMPRESSION = 7
 PHOTOMETRIC_RGB = 2
 PHOTOMETRIC_YCBCR = 6
 SOI = b"\xff\xd8"
+EOI = b"\xff\xd9"
 SOS = 0xDA
+SOS_MARKER = b"\xff\xda"
 APP0 = 0xE0
 APP14 = 0xEE
 # APP14 "Adobe": version 100, flags0 0, flags1 0, transform 0 (components are RGB, not YCbCr).
 ADOBE_RGB_SEGMENT = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+# 256 zero bits: never in the scans of our slides coded with standard Huffman tables (runs of at most
+# 4 bytes there); zeroed file ranges are sectors long.
+ZERO_RUN = bytes(32)
+MID_GREY = 128  # a JPEG block whose coefficients are all zero
+FILLER = 0xAA  # probe bytes: 10101010 is no marker
+PROBE_BYTES = 32
+_SCAN_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # a marker other than RSTn (FF 00 is a stuffed FF)
 
 
 @dataclass(frozen=True)
@@ -174,6 +186,91 @@ def rgb_jpeg(data: bytes) -> bytes:
     return b"".join(keep)
 
 
+def scan_flaw(data: bytes) -> str | None:
+    """The mark of damage on a JPEG stream's entropy-coded data, or None: a byte search, not a decode.
+
+    libjpeg only *warns* where a scan's data do not fit its image, and decodes on (torchvision prints
+    the warning on stderr and returns the wrong pixels). Damage that causes this leaves marks found in
+    microseconds: inside scan data no marker may stand but restart markers (an FF is stuffed as FF 00),
+    and a long run of zero bytes is what a zeroed range of a file leaves. Sound tiles can bear them too
+    (a flat tile coded with optimised Huffman tables is all zero bits; a multi-scan JPEG has markers
+    between its scans): a real decoder decides.
+    """
+    bounds = _scan_bounds(data)
+    if isinstance(bounds, str):
+        return bounds
+    start, stop = bounds
+    zeros = data.find(ZERO_RUN, start, stop)
+    if zeros >= 0:
+        return f"a run of {len(ZERO_RUN)}+ zero bytes in its scan data (stream byte {zeros})"
+    marker = _SCAN_MARKER.search(data, start, stop)
+    if marker is not None:
+        return f"marker 0xFF{marker.group()[1]:02X} inside its scan data (stream byte {marker.start()})"
+    return None
+
+
+def grey_end(tile: np.ndarray) -> str | None:
+    """The mark of scan data cut short on a decoded tile (HWC uint8), or None.
+
+    Where a scan's data run out, libjpeg leaves every later block with all coefficients zero, uniform
+    mid-grey (128), and only warns. A last block of exactly that grey is the mark (tile sides are
+    multiples of 16, so that block is the last MCU's own); a sound tile ending in flat grey 128 bears
+    it too, and a real decoder clears it.
+    """
+    if tile[-1, -1, 0] == MID_GREY and (tile[-8:, -8:] == MID_GREY).all():  # one pixel first: fast
+        return "its last 8 x 8 block is the uniform grey libjpeg leaves where the data run out"
+    return None
+
+
+def scan_leftover(data: bytes, decode: Callable[[bytes], Any]) -> str | None:
+    """Whether the image of a JPEG stream is complete before its scan data end: one probe decode.
+
+    libjpeg then warns ("extraneous bytes before marker") and returns the pixels, as OpenSlide does
+    (it stops reading after the last row). Its decoder reads every byte of sound data, so changing the
+    last bytes changes the pixels; here it never reads them, and the pixels stay as they are.
+
+    Args:
+        data: a stream that ``decode`` decodes without an error.
+        decode: JPEG bytes -> pixels as a numpy array (None where the decoder fails).
+
+    Returns:
+        What is wrong, or None when the decoder reads the data to their end (or they are too short to tell).
+    """
+    bounds = _scan_bounds(data)
+    if isinstance(bounds, str):
+        return bounds
+    start, stop = bounds
+    # The bytes after the last FF of the data (so as to make no marker), PROBE_BYTES at most.
+    tail = max(start, data.rfind(b"\xff", start, stop) + 2, stop - PROBE_BYTES)
+    if stop - tail < 8:  # too few to tell real bits from the last byte's padding
+        return None
+    other = FILLER if data[tail:stop] != bytes([FILLER]) * (stop - tail) else FILLER >> 1
+    if _same(decode(data[:tail] + bytes([other]) * (stop - tail) + data[stop:]), decode(data)):
+        return "the decoder never reaches the end of its data"
+    return None
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return a is not None and b is not None and np.array_equal(a, b)
+
+
+def _scan_bounds(data: bytes) -> tuple[int, int] | str:
+    """(start, stop) of a stream's entropy-coded data, or what is missing.
+
+    ``start`` follows the first start-of-scan header, found by a search rather than a walk of the
+    segments (a few times faster): an FF DA followed by a length of 6 + 2 x (1 to 4 components).
+    ``stop`` is the last EOI marker.
+    """
+    pos = data.find(SOS_MARKER)
+    while pos >= 0:
+        length, components = int.from_bytes(data[pos + 2:pos + 4], "big"), data[pos + 4:pos + 5]
+        if components and 1 <= components[0] <= 4 and length == 6 + 2 * components[0]:
+            stop = data.rfind(EOI, pos + 2 + length)
+            return (pos + 2 + length, stop) if stop >= 0 else "no end-of-image marker"
+        pos = data.find(SOS_MARKER, pos + 2)
+    return "no start-of-scan header"
+
+
 class TileFile:
     """Positional reads of tile bytes from one open file (no shared file position between calls)."""
 
@@ -204,4 +301,5 @@ class TileFile:
             self._fd = None
 
 
-__all__ = ["ADOBE_RGB_SEGMENT", "JpegLevel", "TileFile", "open_jpeg_levels", "probe_levels", "rgb_jpeg"]
+__all__ = ["ADOBE_RGB_SEGMENT", "JpegLevel", "TileFile", "grey_end", "open_jpeg_levels", "probe_levels", "rgb_jpeg",
+           "scan_flaw", "scan_leftover"]
