@@ -1,20 +1,23 @@
-"""Engine efficiency: end-to-end tiles/s of `slidemil score` against model-only tiles/s, side by side.
+"""Engine efficiency and runners side by side: end-to-end tiles/s of `slidemil score` and model-only tiles/s.
 
 Run by hand from the repository root (package installed): ``python bench/score.py [--backbone
-resnet50_trunc] [--backend auto|onnxruntime|openvino|torch|tensorrt] [--device auto|cpu|cuda]
-[--precision auto|fp32|bf16|fp16] [--size 8192] [--n-slides 2] [--batch 32] [--workers 2] [--runs 3]``.
+resnet50_trunc] [--runners openvino:bf16 onnxruntime:fp32 torch:fp32:off torch:bf16:off torch:bf16:on]
+[--device auto|cpu|cuda] [--size 8192] [--n-slides 2] [--batch 32] [--workers 2] [--runs 3]``.
 
-A synthetic cohort of 20x slides is written, a package is exported from a random-weights checkpoint
-of the backbone with a gated head, then, ``--runs`` times in turn:
+A runner is ``backend[:precision[:torch-compile]]``. The default list is every CPU runner (on a GPU:
+tensorrt, onnxruntime and torch at fp16). A synthetic cohort of 20x slides is written, a package is
+exported from a random-weights checkpoint of the backbone with a gated head, then, ``--runs`` times,
+each runner in turn (interleaved, so that a change in machine load hits them all alike):
 
 - model only: the package's backbone runner on real tiles of the cohort, already in memory, at the
-  same batch size (what the hardware can do with this runner);
+  same batch size, streamed through ``infer_stream`` (what the hardware can do with this runner);
 - end to end: ``python -m slidemil score`` in a fresh process (tissue, grid, reading, batching,
-  backbone, head, heatmaps, GeoJSON and top-k tiles), tiles/s after the model is loaded, and the
-  process's peak RSS.
+  backbone, head, heatmaps, GeoJSON and top-k tiles), tiles/s after the model is loaded and warmed
+  up, and the process's peak RSS.
 
-Prints medians with min-max, and the ratio end-to-end / model-only (the engine's efficiency), and
-writes ``bench_score.json`` into ``--out``.
+Prints, per runner, medians with min-max, the ratio end-to-end / model-only (the engine's
+efficiency) and each runner's speed relative to torch fp32 eager (the path CLAM and TRIDENT take),
+and writes ``bench_score.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +39,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export import make_checkpoint  # noqa: E402  (bench/export.py: a checkpoint in the trainer's format)
 
-from slidemil.engine.models import open_models  # noqa: E402
+from slidemil.engine.models import open_models, warm_up  # noqa: E402
+from slidemil.engine.runners import resolve_device  # noqa: E402
 from slidemil.exporter.export import ExportConfig, export_checkpoint  # noqa: E402
 from slidemil.slide.reader import open_slide  # noqa: E402
 from slidemil.slide.synth import SynthConfig, make_cohort  # noqa: E402
@@ -49,21 +54,41 @@ def real_tiles(slide: Path, tiling: TilingConfig, n: int) -> np.ndarray:
         return reader.read_tiles(coords, plan.grid.patch_size_level0, tiling.tile.patch_size)
 
 
-def model_only(model_dir: Path, tiles: np.ndarray, args: argparse.Namespace) -> float:
-    with open_models([model_dir], args.backend, args.device, args.precision, args.threads) as models:
+@dataclass(frozen=True)
+class RunnerSpec:
+    backend: str
+    precision: str = "auto"
+    compile: str = "off"
+
+    @classmethod
+    def parse(cls, text: str) -> RunnerSpec:
+        return cls(*text.split(":"))
+
+    def __str__(self) -> str:
+        name = f"{self.backend} {self.precision}"
+        return name + (" compiled" if self.backend == "torch" and self.compile == "on" else "")
+
+
+DEFAULT_RUNNERS = {"cpu": ["openvino:bf16", "onnxruntime:fp32", "torch:fp32:off", "torch:bf16:off", "torch:bf16:on"],
+                   "cuda": ["tensorrt:fp16", "onnxruntime:fp16", "torch:fp16:off"]}
+
+
+def model_only(model_dir: Path, tiles: np.ndarray, spec: RunnerSpec, args: argparse.Namespace) -> float:
+    with open_models([model_dir], spec.backend, args.device, spec.precision, args.threads, spec.compile) as models:
+        warm_up(models, args.batch)
         runner = models[0].backbone
-        batches = [tiles[i:i + args.batch] for i in range(0, len(tiles), args.batch)]
-        runner.infer({"tiles": batches[0]})
+        feeds = [(i, {"tiles": tiles[i:i + args.batch]}) for i in range(0, len(tiles), args.batch)]
         start = time.perf_counter()
-        for b in batches:
-            runner.infer({"tiles": b})
+        for _ in runner.infer_stream(feeds):
+            pass
         return len(tiles) / (time.perf_counter() - start)
 
 
-def end_to_end(model_dir: Path, slides: Path, out: Path, args: argparse.Namespace) -> tuple[float, float]:
+def end_to_end(model_dir: Path, slides: Path, out: Path, spec: RunnerSpec,
+               args: argparse.Namespace) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "slidemil", "score", str(model_dir), str(slides), "--out", str(out),
-           "--backend", args.backend, "--device", args.device, "--precision", args.precision,
-           "--batch-size", str(args.batch), "--workers", str(args.workers)]
+           "--backend", spec.backend, "--device", args.device, "--precision", spec.precision,
+           "--torch-compile", spec.compile, "--batch-size", str(args.batch), "--workers", str(args.workers)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     log_path = out.parent / f"{out.name}.log"
@@ -77,12 +102,25 @@ def end_to_end(model_dir: Path, slides: Path, out: Path, args: argparse.Namespac
     return summary["tiles_per_s_after_load"], summary["peak_rss_mb"] or usage.ru_maxrss / 1024
 
 
+def report(results: dict[str, dict[str, list[float]]]) -> str:
+    med = statistics.median
+    baseline = results.get("torch fp32")
+    base = med(baseline["end_to_end_tiles_per_s"]) if baseline else None
+    lines = ["| runner | model-only tiles/s | end-to-end tiles/s | efficiency (e2e / model) | e2e vs torch fp32 eager "
+             "| peak RSS MB |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        m, e, q = r["model_only_tiles_per_s"], r["end_to_end_tiles_per_s"], r["efficiency"]
+        versus = f"{med(e) / base:.2f}x" if base else "-"
+        lines.append(f"| {name} | {med(m):.1f} ({min(m):.1f}-{max(m):.1f}) | {med(e):.1f} ({min(e):.1f}-{max(e):.1f}) "
+                     f"| {med(q):.3f} ({min(q):.3f}-{max(q):.3f}) | {versus} | {med(r['peak_rss_mb']):.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="resnet50_trunc")
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--runners", nargs="+", help="backend[:precision[:torch-compile]] ... (default: every CPU runner)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto")
     p.add_argument("--tile-px", type=int, default=256)
     p.add_argument("--size", type=int, default=8192)
     p.add_argument("--n-slides", type=int, default=2)
@@ -94,6 +132,8 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    args.device = resolve_device(args.device)
+    specs = [RunnerSpec.parse(t) for t in args.runners or DEFAULT_RUNNERS["cuda" if args.device.startswith("cuda") else "cpu"]]
     work = args.out or Path(tempfile.mkdtemp(prefix="bench-score-"))
     make_cohort(work / "cohort", SynthConfig(n_slides=args.n_slides, size=args.size, seed=0), progress=False)
     ckpt = make_checkpoint(work / "run", args.backbone, "random", args.tile_px)
@@ -101,25 +141,23 @@ def main() -> None:
     from slidemil.exporter.package import load_package
     tiling = load_package(work / "model").tiling
     tiles = real_tiles(next((work / "cohort" / "slides").glob("*.svs")), tiling, args.model_tiles)
-    model_rates, e2e_rates, peaks = [], [], []
+    results = {str(s): {"model_only_tiles_per_s": [], "end_to_end_tiles_per_s": [], "efficiency": [], "peak_rss_mb": []}
+               for s in specs}
     for run in range(args.runs):
-        model_rates.append(model_only(work / "model", tiles, args))
-        rate, peak = end_to_end(work / "model", work / "cohort" / "slides", work / f"score_{run}", args)
-        e2e_rates.append(rate)
-        peaks.append(peak)
-        print(f"run {run}: model-only {model_rates[-1]:.1f} tiles/s, end-to-end {rate:.1f} tiles/s, peak RSS {peak:.0f} MB")
-    ratios = [e / m for e, m in zip(e2e_rates, model_rates)]
-    result = {"backbone": args.backbone, "backend": args.backend, "device": args.device, "precision": args.precision,
-              "batch": args.batch, "workers": args.workers, "slide_size": args.size, "n_slides": args.n_slides,
-              "model_only_tiles_per_s": model_rates, "end_to_end_tiles_per_s": e2e_rates,
-              "efficiency": ratios, "peak_rss_mb": peaks}
-    (work / "bench_score.json").write_text(json.dumps(result, indent=2))
-    med = statistics.median
-    print(f"\n| measure | median | min | max |\n|---|---|---|---|\n"
-          f"| model-only tiles/s | {med(model_rates):.1f} | {min(model_rates):.1f} | {max(model_rates):.1f} |\n"
-          f"| end-to-end tiles/s | {med(e2e_rates):.1f} | {min(e2e_rates):.1f} | {max(e2e_rates):.1f} |\n"
-          f"| efficiency (e2e / model) | {med(ratios):.3f} | {min(ratios):.3f} | {max(ratios):.3f} |\n"
-          f"| peak RSS of score, MB | {med(peaks):.0f} | {min(peaks):.0f} | {max(peaks):.0f} |")
+        for spec in specs:
+            r = results[str(spec)]
+            model = model_only(work / "model", tiles, spec, args)
+            out = work / f"score_{spec.backend}_{spec.precision}_{spec.compile}_{run}"
+            rate, peak = end_to_end(work / "model", work / "cohort" / "slides", out, spec, args)
+            for key, value in (("model_only_tiles_per_s", model), ("end_to_end_tiles_per_s", rate),
+                               ("efficiency", rate / model), ("peak_rss_mb", peak)):
+                r[key].append(value)
+            print(f"run {run} {spec}: model-only {model:.1f} tiles/s, end-to-end {rate:.1f} tiles/s, "
+                  f"peak RSS {peak:.0f} MB", flush=True)
+    meta = {"backbone": args.backbone, "device": args.device, "batch": args.batch, "workers": args.workers,
+            "slide_size": args.size, "n_slides": args.n_slides, "runs": args.runs}
+    (work / "bench_score.json").write_text(json.dumps({**meta, "runners": results}, indent=2))
+    print("\n" + report(results))
     print(f"results: {work / 'bench_score.json'}")
 
 

@@ -72,7 +72,8 @@ def test_pipeline_consumer_can_abandon_a_slide(synth_slide):
 def test_extraction_writes_the_contract(tiled, tmp_path):
     cohort, table, coords_dir = tiled
     torch.manual_seed(0)
-    cfg = ExtractConfig(backbone="test_resnet", device="cpu", reading=PipelineConfig(batch_size=16))
+    # torch fp32: its features must equal the backbone's on each tile alone (checked at the end)
+    cfg = ExtractConfig(backbone="test_resnet", device="cpu", backend="torch", reading=PipelineConfig(batch_size=16))
     log = extract_features(cohort / "slides", tmp_path, cfg, coords_dir=coords_dir)
     rows = pd.DataFrame(log.rows.values())
     assert (rows.status == "ok").all() and len(rows) == len(table)

@@ -18,6 +18,8 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--threads", type=int, help="CPU threads for the runners (default: the cores given)")
+    p.add_argument("--torch-compile", choices=["auto", "on", "off"],
+                   help="torch backend: torch.compile the backbone (auto: with bf16 on the CPU)")
     p.add_argument("--attention-norm", choices=["percentile", "minmax", "softmax", "raw"])
     p.add_argument("--top-k", type=int, help="most attended tiles saved per slide (8; 0 = none)")
     p.add_argument("--heatmap-overlap", type=float, help="extra overlapping grid for a smoother map (e.g. 0.5)")
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from slidemil.config import load_config
     from slidemil.engine.score import ScoreConfig, score_slides
     overrides = {"backend": args.backend, "device": args.device, "precision": args.precision,
-                 "threads": args.threads, "attention_norm": args.attention_norm, "top_k": args.top_k,
+                 "threads": args.threads, "torch_compile": args.torch_compile, "attention_norm": args.attention_norm, "top_k": args.top_k,
                  "heatmap_overlap": args.heatmap_overlap, "geojson": False if args.no_geojson else None,
                  "min_tissue": args.min_tissue, "mask_dir": args.mask_dir,
                  "reading.batch_size": args.batch_size, "reading.workers": args.workers,

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from slidemil.engine.runners import OnnxRuntimeRunner, Runner, TorchRunner, choose_backend, resolve_device
 from slidemil.errors import ConfigError, PackageError
 
@@ -32,13 +34,23 @@ class LoadedModel:
     backend: str
 
 
+@dataclass(frozen=True)
+class RunnerSettings:
+    """How to run a package: device ("cpu", "cuda:N"), precision, CPU threads, torch.compile mode."""
+
+    device: str = "cpu"
+    precision: str = "auto"
+    threads: int | None = None
+    torch_compile: str = "auto"
+
+
 RunnerPair = tuple[Runner, Runner]
-BUILDERS: dict[str, Callable[[Any, str, str, int | None], RunnerPair]] = {}
+Builder = Callable[[Any, RunnerSettings], RunnerPair]
+BUILDERS: dict[str, Builder] = {}
 
 
-def builder(name: str) -> Callable[[Callable[[Any, str, str, int | None], RunnerPair]],
-                                   Callable[[Any, str, str, int | None], RunnerPair]]:
-    def decorator(fn: Callable[[Any, str, str, int | None], RunnerPair]) -> Callable[[Any, str, str, int | None], RunnerPair]:
+def builder(name: str) -> Callable[[Builder], Builder]:
+    def decorator(fn: Builder) -> Builder:
         BUILDERS[name] = fn
         return fn
     return decorator
@@ -51,32 +63,34 @@ def _cpu_head(package: Any, threads: int | None) -> Runner:
 
 
 @builder("onnxruntime")
-def _onnxruntime(package: Any, device: str, precision: str, threads: int | None) -> RunnerPair:
-    return OnnxRuntimeRunner(package.backbone_onnx_for(device, precision), device=device, threads=threads), \
-        _cpu_head(package, threads)
+def _onnxruntime(package: Any, s: RunnerSettings) -> RunnerPair:
+    return OnnxRuntimeRunner(package.backbone_onnx_for(s.device, s.precision), device=s.device, threads=s.threads), \
+        _cpu_head(package, s.threads)
 
 
 @builder("openvino")
-def _openvino(package: Any, device: str, precision: str, threads: int | None) -> RunnerPair:
+def _openvino(package: Any, s: RunnerSettings) -> RunnerPair:
     from slidemil.engine.openvino_runner import OpenVinoRunner
-    ov_precision = "auto" if precision == "auto" else ("bf16" if precision == "bf16" else "fp32")
-    return OpenVinoRunner(package.backbone_onnx, precision=ov_precision, threads=threads), _cpu_head(package, threads)
+    ov_precision = "auto" if s.precision == "auto" else ("bf16" if s.precision == "bf16" else "fp32")
+    return OpenVinoRunner(package.backbone_onnx, precision=ov_precision, threads=s.threads), \
+        _cpu_head(package, s.threads)
 
 
 @builder("torch")
-def _torch(package: Any, device: str, precision: str, threads: int | None) -> RunnerPair:
+def _torch(package: Any, s: RunnerSettings) -> RunnerPair:
     from slidemil.exporter.package import load_torch_models
     backbone, head = load_torch_models(package)
-    return (TorchRunner(backbone, ["tiles"], ["features"], device=device, precision=precision),
+    return (TorchRunner(backbone, ["tiles"], ["features"], device=s.device, precision=s.precision,
+                        compile=s.torch_compile),
             TorchRunner(head, ["features"], ["logits", "probabilities", "attention", "attention_raw"],
-                        device=device, precision="fp32", channels_last=False))
+                        device=s.device, precision="fp32", channels_last=False))
 
 
 @builder("tensorrt")
-def _tensorrt(package: Any, device: str, precision: str, threads: int | None) -> RunnerPair:
+def _tensorrt(package: Any, s: RunnerSettings) -> RunnerPair:
     from slidemil.engine.tensorrt_runner import TensorRTRunner
-    plan = package.engine_path("backbone", precision)
-    return TensorRTRunner(plan, device=device), _cpu_head(package, threads)
+    plan = package.engine_path("backbone", s.precision)
+    return TensorRTRunner(plan, device=s.device), _cpu_head(package, s.threads)
 
 
 def _has_files_for(package: Any, backend: str) -> bool:
@@ -87,24 +101,37 @@ def _has_files_for(package: Any, backend: str) -> bool:
 
 @contextlib.contextmanager
 def open_models(model_dirs: Sequence[str | Path], backend: str = "auto", device: str = "auto",
-                precision: str = "auto", threads: int | None = None) -> Iterator[list[LoadedModel]]:
-    """Load each package (checksums verified) and build its runners; close them all on exit."""
+                precision: str = "auto", threads: int | None = None,
+                torch_compile: str = "auto") -> Iterator[list[LoadedModel]]:
+    """Load each package (checksums verified) and build its runners; close them all on exit.
+
+    ``torch_compile`` applies to the torch backend only (see ``TorchRunner``).
+    """
     from slidemil.exporter.package import load_package
     if not model_dirs:
         raise ConfigError("give at least one model package (MODEL_DIR or --model)")
     device = resolve_device(device)
+    settings = RunnerSettings(device, precision, threads, torch_compile)
     with contextlib.ExitStack() as stack:
         models = []
         for model_dir in model_dirs:
             package = load_package(model_dir)
             name = choose_backend(backend, device, usable=lambda b, p=package: _has_files_for(p, b))
-            backbone, head = BUILDERS[name](package, device, precision, threads)
+            backbone, head = BUILDERS[name](package, settings)
             stack.enter_context(backbone)
             stack.enter_context(head)
             log.info("model %s: backbone on %s", Path(model_dir).name, backbone.describe())
             models.append(LoadedModel(Path(model_dir).name, package, backbone, head, name))
         check_ensemble(models)
         yield models
+
+
+def warm_up(models: Sequence[LoadedModel], batch_size: int) -> None:
+    """Run each backbone once on a blank batch of full size: compilation, allocation and autotuning
+    happen here, counted as model loading, and not on the first slide."""
+    for m in models:
+        px = m.package.tiling.tile.patch_size
+        m.backbone.infer({"tiles": np.zeros((batch_size, px, px, 3), np.uint8)})
 
 
 def check_ensemble(models: list[LoadedModel]) -> None:

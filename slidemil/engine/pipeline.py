@@ -12,17 +12,19 @@ Feature extraction and scoring both run this pipeline; neither has a private cop
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from slidemil.errors import SlidemilError
+from slidemil.engine.runners import Runner
+from slidemil.errors import SlidemilError, SlideReadError
 from slidemil.slide.reader import open_slide
 from slidemil.slide.sources import TileSource, open_tile_source
 from slidemil.slide.table import SlideEntry
@@ -77,11 +79,12 @@ class SlideStream:
     """
 
     def __init__(self, entry: SlideEntry, plan: TilePlan | None, error: Exception | None,
-                 slots: threading.BoundedSemaphore) -> None:
+                 slots: threading.BoundedSemaphore, max_tiles: int | None = None) -> None:
         self.entry = entry
         self.plan = plan
         self.error = error
-        self.n_tiles = 0 if plan is None else len(plan.grid)
+        n = 0 if plan is None else len(plan.grid)
+        self.n_tiles = min(n, max_tiles) if max_tiles else n  # fixed before the consumer sees the stream
         self._batches: queue.Queue[Any] = queue.Queue()
         self._slots = slots
         self._ended = False
@@ -171,14 +174,13 @@ class TilePipeline:
                 error: Exception | None = None
             except (SlidemilError, OSError, ValueError, RuntimeError) as exc:
                 plan, error = None, exc
-            stream = SlideStream(entry, plan, error, slots)
+            stream = SlideStream(entry, plan, error, slots, self.cfg.max_tiles)
             if not self._put(streams, stream):
                 break
             if plan is None:
                 stream._batches.put(_END)
                 continue
-            coords = plan.grid.coords[: self.cfg.max_tiles] if self.cfg.max_tiles else plan.grid.coords
-            stream.n_tiles = len(coords)
+            coords = plan.grid.coords[:stream.n_tiles]
             sources = _SourcePool(entry, plan.grid.patch_size_level0, out_px, self.cfg.tile_source)
             futures: list[Future[np.ndarray]] = []
             for start in range(0, len(coords), self.cfg.batch_size):
@@ -206,6 +208,30 @@ class TilePipeline:
             except queue.Full:
                 continue
         return False
+
+
+def backbone_features(stream: SlideStream, runners: Sequence[Runner], dims: Sequence[int]) -> list[np.ndarray]:
+    """Every runner's features of every tile of ``stream``: float32 (n_tiles, dim) per runner.
+
+    Each runner gets the batches through ``infer_stream``, so asynchronous runners keep a batch in
+    flight while the next one is handed over; an ensemble's members see each batch in turn.
+
+    Raises:
+        SlidemilError: a read error of the slide (the caller records it and drains the stream).
+    """
+    features = [np.empty((stream.n_tiles, dim), np.float32) for dim in dims]
+    feeds = ((first, {"tiles": tiles}) for first, tiles in stream.batches())
+    copies = itertools.tee(feeds, len(runners)) if len(runners) > 1 else (feeds,)
+    filled = 0
+    for results in zip(*(runner.infer_stream(c) for runner, c in zip(runners, copies))):
+        for buf, (first, out) in zip(features, results):
+            batch = out["features"]
+            buf[first:first + len(batch)] = batch
+        filled += len(results[0][1]["features"])
+    if filled != stream.n_tiles:  # a stream stopped early must never leave rows of garbage behind
+        raise SlideReadError(f"{stream.entry.slide_id}: {filled} of {stream.n_tiles} tiles arrived from the reader; "
+                             "re-run to retry the slide")
+    return features
 
 
 def _close_when_done(futures: list[Future[np.ndarray]], sources: _SourcePool) -> None:

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from slidemil.atomic import remove_temporaries_of
 from slidemil.config import save_config
 from slidemil.engine.heatmap import normalize_attention
-from slidemil.engine.models import LoadedModel, open_models
+from slidemil.engine.models import LoadedModel, open_models, warm_up
 from slidemil.engine.outputs import PredictionsTable, outputs_complete, slide_paths, write_run_summary
-from slidemil.engine.pipeline import PipelineConfig, SlideStream, TilePipeline
+from slidemil.engine.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
 from slidemil.engine.slide_outputs import SlideResult, write_slide_outputs
 from slidemil.errors import NoTissueError, SlidemilError
 from slidemil.slide.table import load_slides, select_shard
@@ -42,6 +42,7 @@ class ScoreConfig:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
+    torch_compile: str = "auto"
     reading: PipelineConfig = PipelineConfig()
     attention_norm: str = "percentile"
     top_k: int = 8
@@ -65,7 +66,9 @@ def score_slides(model_dirs: list[str | Path], slides: str | Path, out_dir: str 
     out = Path(out_dir)
     entries = select_shard(load_slides(slides, slide_mpp), shard)
     start = time.perf_counter()
-    with open_models(model_dirs, cfg.backend, cfg.device, cfg.precision, cfg.threads) as models:
+    with open_models(model_dirs, cfg.backend, cfg.device, cfg.precision, cfg.threads,
+                     cfg.torch_compile) as models:
+        warm_up(models, cfg.reading.batch_size)
         load_seconds = time.perf_counter() - start
         class_names = list(models[0].package.class_names)
         table = PredictionsTable(out, class_names)
@@ -100,7 +103,7 @@ def _run(models: list[LoadedModel], todo: list[Any], out: Path, cfg: ScoreConfig
             result = _score_stream(stream, models, cfg, class_names)
             total += result.row.get("n_tiles") or 0
             if result.row["status"] == "ok" and cfg.heatmap_overlap > 0:
-                result.overlap_attention = _overlap_attention(stream, models, cfg, tiling)
+                _add_overlap_attention(result, models, cfg, tiling)
             pending.append(writer.submit(write_slide_outputs, result, out, cfg, table, class_names, tiling))
             bar.update()
             bar.set_postfix(tiles_per_s=result.row.get("tiles_per_s"))
@@ -120,10 +123,7 @@ def _score_stream(stream: SlideStream, models: list[LoadedModel], cfg: ScoreConf
             raise stream.error
         if stream.n_tiles == 0:
             raise NoTissueError(f"{stream.entry.slide_id}: no tissue tiles to score")
-        features = [np.empty((stream.n_tiles, m.package.card.feature_dim), np.float32) for m in models]
-        for first, tiles in stream.batches():
-            for m, buf in zip(models, features):
-                buf[first:first + len(tiles)] = m.backbone.infer({"tiles": tiles})["features"]
+        features = backbone_features(stream, [m.backbone for m in models], [m.package.card.feature_dim for m in models])
         heads = [m.head.infer({"features": f}) for m, f in zip(models, features)]
     except (SlidemilError, OSError, ValueError, RuntimeError) as exc:
         stream.drain()
@@ -150,6 +150,17 @@ def _combine(stream: SlideStream, models: list[LoadedModel], heads: list[dict[st
     return SlideResult(stream=stream, row=row, probabilities=probs, attention=attention, attention_raw=raw)
 
 
+def _add_overlap_attention(result: SlideResult, models: list[LoadedModel], cfg: ScoreConfig,
+                           tiling: TilingConfig) -> None:
+    """Score the overlapping grid too; a read error there fails the slide, not the batch."""
+    try:
+        result.overlap_attention = _overlap_attention(result.stream, models, cfg, tiling)
+    except (SlidemilError, OSError, ValueError, RuntimeError) as exc:
+        log.warning("%s: overlapping grid: %s", result.stream.entry.slide_id, exc)
+        error = str(exc) if isinstance(exc, SlidemilError) else f"{type(exc).__name__}: {exc}"
+        result.row.update(status="error", error=f"overlapping grid: {error}")
+
+
 def _overlap_attention(stream: SlideStream, models: list[LoadedModel], cfg: ScoreConfig,
                        tiling: TilingConfig) -> tuple[np.ndarray, np.ndarray, int]:
     """Raw attention of an overlapping grid (each tile's score depends on its own features only)."""
@@ -160,17 +171,14 @@ def _overlap_attention(stream: SlideStream, models: list[LoadedModel], cfg: Scor
     grid = make_grid(plan.grid.level0_size, plan.grid.slide_mpp, spec, plan.tissue)
     dense = replace(plan, grid=grid)
     with TilePipeline(cfg.reading, TilingConfig(tile=spec, tissue=tiling.tissue), lambda e: dense) as pipeline:
-        inner = next(iter(pipeline.run([stream.entry])))
-        raws = []
-        for m in models:
-            feats = np.empty((len(grid), m.package.card.feature_dim), np.float32)
-            raws.append(feats)
-        for first, tiles in inner.batches():
-            for m, buf in zip(models, raws):
-                buf[first:first + len(tiles)] = m.backbone.infer({"tiles": tiles})["features"]
+        # A loop, never next(iter(run(...))): a dropped generator closes at once and stops its reader.
+        for inner in pipeline.run([stream.entry]):
+            if inner.error is not None:
+                raise inner.error
+            raws = backbone_features(inner, [m.backbone for m in models], [m.package.card.feature_dim for m in models])
     scores = np.mean([normalize_attention(m.head.infer({"features": f})["attention_raw"], cfg.attention_norm)
                       for m, f in zip(models, raws)], axis=0)
-    return grid.coords, scores, grid.patch_size_level0
+    return grid.coords[:len(scores)], scores, grid.patch_size_level0
 
 
 def peak_rss_mb() -> float | None:

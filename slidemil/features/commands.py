@@ -27,6 +27,8 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on a GPU, bf16 with OpenVINO where the CPU has it, else fp32 (recorded in the h5)")
+    p.add_argument("--torch-compile", choices=["auto", "on", "off"],
+                   help="torch backend: torch.compile the backbone (auto: with bf16 on the CPU)")
     p.add_argument("--limit-tiles", type=int, help="at most this many tiles per slide (quick looks)")
     add_reading_options(p)
     add_tiling_options(p)
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --coords DIR (from `slidemil tile`) or --tile, not both")
     overrides = {"backbone": args.backbone, "weights": args.weights, "checkpoint": args.checkpoint,
                  "backend": args.backend, "device": args.device, "precision": args.precision,
-                 "reading.batch_size": args.batch_size, "reading.workers": args.workers,
+                 "torch_compile": args.torch_compile, "reading.batch_size": args.batch_size, "reading.workers": args.workers,
                  "reading.tile_source": args.tile_source, "reading.max_tiles": args.limit_tiles,
                  **{f"tiling.{k}": v for k, v in tiling_overrides(args).items()}}
     cfg = load_config(ExtractConfig, args.config, overrides)

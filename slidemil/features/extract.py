@@ -21,7 +21,7 @@ from torch import nn
 from slidemil.atomic import remove_temporaries_of, write_text
 from slidemil.batch import BatchLog
 from slidemil.config import from_dict, save_config
-from slidemil.engine.pipeline import PipelineConfig, SlideStream, TilePipeline
+from slidemil.engine.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
 from slidemil.engine.runners import Runner, TorchRunner, choose_backend, resolve_device
 from slidemil.errors import ConfigError, SlidemilError
 from slidemil.models.backbones import BackboneCard, create_backbone, save_backbone
@@ -44,10 +44,11 @@ class ExtractConfig:
     backbone: str = "resnet50_trunc"
     weights: str | None = None
     checkpoint: str | None = None
-    backend: str = "torch"
+    backend: str = "auto"
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    torch_compile: str = "auto"
     reading: PipelineConfig = PipelineConfig()
     tiling: TilingConfig = field(default_factory=TilingConfig)
 
@@ -81,13 +82,19 @@ def prepare_backbone(cfg: ExtractConfig, out_dir: Path) -> tuple[UInt8Backbone, 
     return UInt8Backbone(model, card).eval(), card
 
 
+# Backends that extract, fastest first (``auto``): on a GPU torch with fp16 autocast; on the CPU OpenVINO
+# (bf16 where the CPU has it), then ONNX Runtime, then torch.
+EXTRACT_BACKENDS = {"cuda": ("torch",), "cpu": ("openvino", "onnxruntime", "torch")}
+
+
 def build_backbone_runner(module: nn.Module, card: BackboneCard, backend: str, device: str, precision: str,
-                          work_dir: Path, tile_px: int) -> Runner:
+                          work_dir: Path, tile_px: int, torch_compile: str = "auto") -> Runner:
     """A runner for the uint8 backbone on any backend (ONNX backends export the graph first, for ``tile_px`` tiles)."""
     device = resolve_device(device)
-    backend = choose_backend(backend, device)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    backend = choose_backend(backend, device, usable=lambda name: name in EXTRACT_BACKENDS[kind])
     if backend == "torch":
-        return TorchRunner(module, ["tiles"], ["features"], device=device, precision=precision)
+        return TorchRunner(module, ["tiles"], ["features"], device=device, precision=precision, compile=torch_compile)
     from slidemil.exporter.onnx import export_backbone
     onnx_path = work_dir / f"backbone_{tile_px}px.onnx"
     if not onnx_path.is_file():
@@ -138,8 +145,10 @@ def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig
         return batch
     planner = plan_from_coords(Path(coords_dir)) if coords_dir is not None else None
     with build_backbone_runner(module, card, cfg.backend, cfg.device, cfg.precision, out / BACKBONE_DIR,
-                               cfg.tiling.tile.patch_size) as runner, \
+                               cfg.tiling.tile.patch_size, cfg.torch_compile) as runner, \
             TilePipeline(cfg.reading, cfg.tiling, planner) as pipeline:
+        px = cfg.tiling.tile.patch_size  # warm up: compilation and allocation before the first slide's clock
+        runner.infer({"tiles": np.zeros((cfg.reading.batch_size, px, px, 3), np.uint8)})
         extra = {"precision": getattr(runner, "precision", "fp32"), "backend": runner.describe(),
                  "weights_sha256": card.weights_sha256}
         for stream in pipeline.run(todo):
@@ -180,9 +189,7 @@ def _extract_one(stream: SlideStream, runner: Runner, card: BackboneCard, out: P
         if stream.error is not None:
             raise stream.error
         assert stream.plan is not None
-        features = np.zeros((stream.n_tiles, card.feature_dim), dtype=np.float32)
-        for first, tiles in stream.batches():
-            features[first:first + len(tiles)] = runner.infer({"tiles": tiles})["features"]
+        features, = backbone_features(stream, [runner], [card.feature_dim])
         coords = stream.plan.grid.coords[: stream.n_tiles]
         write_h5(features_path(out, stream.entry.slide_id), coords, stream.plan.attrs, features,
                  encoder=card.name, feature_attrs=extra)
