@@ -37,10 +37,11 @@ TILING = TilingConfig(tile=TileSpec(patch_size=TILE_PX, mpp=0.5, overlap=0, min_
 QUICK = ParityConfig(n_tiles=16, batch_sizes=(1, 7, 16), bag_sizes=(1, 50), n_slide_bags=4)
 
 
-def make_checkpoint(root: Path, mode: str = "features", mil: str = "gated", seed: int = 0) -> Path:
-    """A checkpoint in the trainer's format: test_resnet backbone + a small head, temperature 1.5."""
+def make_checkpoint(root: Path, mode: str = "features", mil: str = "gated", seed: int = 0,
+                    backbone_name: str = "test_resnet") -> Path:
+    """A checkpoint in the trainer's format: a backbone (test_resnet) + a small head, temperature 1.5."""
     torch.manual_seed(seed)
-    backbone, card = create_backbone("test_resnet")
+    backbone, card = create_backbone(backbone_name)
     head = create_head(HeadConfig(mil_type=mil, in_dim=card.feature_dim, n_classes=len(CLASSES),
                                   hidden_dim=32, attention_dim=16))
     head.temperature.fill_(1.5)
@@ -276,6 +277,20 @@ def test_verify_openvino_meets_its_tolerances(exported, precision, tolerance, tm
     assert figures["reference"] == "onnxruntime fp32 (cpu)" and figures["candidate"] == f"openvino {precision}"
     assert figures["probabilities"]["max_abs"] <= tolerance and figures["argmax_agreement"] == 1.0
     assert figures["tiles"].startswith("synthetic slide")
+
+
+@pytest.mark.slow
+def test_openvino_meets_its_tolerances_on_resnet50_trunc(tmp_path, monkeypatch):
+    """The production CPU path: resnet50_trunc (random weights) on real tiles of a synthetic slide."""
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ckpt = make_checkpoint(tmp_path / "run", backbone_name="resnet50_trunc")
+    pkg = export_checkpoint(ckpt.with_suffix(".safetensors"), tmp_path / "model", ExportConfig(parity=QUICK))
+    for precision, tolerance in (("bf16", 1e-2), ("fp32", 1e-4)):
+        report = verify_package(pkg.root, backend="openvino", precision=precision, parity=QUICK)
+        assert report.ok, report.lines()
+        figures = report.parity
+        assert figures["probabilities"]["max_abs"] <= tolerance and figures["argmax_agreement"] == 1.0, figures
 
 
 def test_cli_export_then_verify(tmp_path):

@@ -138,3 +138,11 @@ def test_backbone_features_refuses_a_stream_that_stopped_early(tiles, tile_onnx)
         a, b = backbone_features(whole, [runner, twin], [8, 8])
         np.testing.assert_array_equal(a, runner.infer({"tiles": tiles})["features"])
         np.testing.assert_array_equal(a, b)
+
+
+def test_openvino_uses_one_stream_on_few_cores_and_several_on_many(tile_onnx):
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    from slidemil.engine.openvino_runner import OpenVinoRunner, performance_hint
+    assert [performance_hint(n) for n in (1, 2, 4, 8, 64)] == ["LATENCY"] * 3 + ["THROUGHPUT"] * 2
+    with OpenVinoRunner(tile_onnx, precision="fp32", threads=2, use_cache=False) as runner:
+        assert runner.streams == 1 and len(runner._requests) >= 2  # still two requests in flight

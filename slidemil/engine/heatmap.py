@@ -251,6 +251,11 @@ def _colorbar_strip(height: int, cmap: str, lo: float, hi: float, label: str) ->
     return _render(fig, height, COLORBAR_PX)
 
 
+def prime_renderer() -> None:
+    """Render a tiny overlay once: matplotlib's imports and font cache cost a first call about 0.5 s."""
+    overlay_png(np.zeros((8, 8, 3), np.uint8), np.full((8, 8), np.nan), "")
+
+
 def overlay_png(thumbnail_rgb: np.ndarray, values: np.ndarray, title: str, cmap: str = "jet",
                 alpha: float = 0.5, tissue_only: bool = True, label: str = "attention",
                 vmin: float | None = None, vmax: float | None = None) -> np.ndarray:

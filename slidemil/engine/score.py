@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 
 from slidemil.atomic import remove_temporaries_of
 from slidemil.config import save_config
-from slidemil.engine.heatmap import normalize_attention
+from slidemil.engine.heatmap import normalize_attention, prime_renderer
 from slidemil.engine.models import LoadedModel, open_models, warm_up
 from slidemil.engine.outputs import PredictionsTable, outputs_complete, slide_paths, write_run_summary
 from slidemil.engine.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
 from slidemil.engine.slide_outputs import SlideResult, write_slide_outputs
 from slidemil.errors import NoTissueError, SlidemilError
+from slidemil.slide.sources import prepare_tile_sources
 from slidemil.slide.table import load_slides, select_shard
 from slidemil.slide.tiling import TilingConfig
 
@@ -68,7 +69,9 @@ def score_slides(model_dirs: list[str | Path], slides: str | Path, out_dir: str 
     start = time.perf_counter()
     with open_models(model_dirs, cfg.backend, cfg.device, cfg.precision, cfg.threads,
                      cfg.torch_compile) as models:
-        warm_up(models, cfg.reading.batch_size)
+        warm_up(models, cfg.reading.batch_size)  # start-up work, once per run: not on the first slide's clock
+        prepare_tile_sources(cfg.reading.tile_source)
+        prime_renderer()
         load_seconds = time.perf_counter() - start
         class_names = list(models[0].package.class_names)
         table = PredictionsTable(out, class_names)

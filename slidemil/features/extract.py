@@ -27,6 +27,7 @@ from slidemil.errors import ConfigError, SlidemilError
 from slidemil.models.backbones import BackboneCard, create_backbone, save_backbone
 from slidemil.models.preprocess import UInt8Backbone
 from slidemil.slide.grid import grid_from_coords
+from slidemil.slide.sources import prepare_tile_sources
 from slidemil.slide.store import is_complete, read_h5, write_h5
 from slidemil.slide.table import SlideEntry, load_slides, select_shard
 from slidemil.slide.tiling import TilePlan, TilingConfig, coords_path
@@ -149,6 +150,7 @@ def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig
             TilePipeline(cfg.reading, cfg.tiling, planner) as pipeline:
         px = cfg.tiling.tile.patch_size  # warm up: compilation and allocation before the first slide's clock
         runner.infer({"tiles": np.zeros((cfg.reading.batch_size, px, px, 3), np.uint8)})
+        prepare_tile_sources(cfg.reading.tile_source)
         extra = {"precision": getattr(runner, "precision", "fp32"), "backend": runner.describe(),
                  "weights_sha256": card.weights_sha256}
         for stream in pipeline.run(todo):

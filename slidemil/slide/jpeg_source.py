@@ -100,6 +100,12 @@ class JpegTileSource(TileSource):
         with reader:
             return levels[reader.best_level_for(size_level0 / out_px)] is not None
 
+    @classmethod
+    def prepare(cls) -> None:
+        import openslide  # noqa: F401
+        import tifffile  # noqa: F401
+        import torchvision.io  # noqa: F401
+
     # -- CPU ---------------------------------------------------------------------------------
     def read(self, coords: np.ndarray, size_level0: int, out_px: int) -> np.ndarray:
         """uint8 (B, out_px, out_px, 3) RGB tiles at level-0 top-left ``coords`` (B, 2), decoded on the CPU."""

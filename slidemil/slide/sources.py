@@ -47,6 +47,10 @@ class TileSource(ABC):
     def read(self, coords: np.ndarray, size_level0: int, out_px: int) -> np.ndarray:
         """uint8 (B, out_px, out_px, 3) RGB tiles whose level-0 top-left corners are ``coords`` (B, 2)."""
 
+    @classmethod
+    def prepare(cls) -> None:
+        """Import what reading needs (decoders, torch) now, not in a reader thread during the first slide."""
+
     def close(self) -> None:
         """Release file handles."""
 
@@ -90,6 +94,14 @@ def open_tile_source(path: str | Path, mpp: float | None, size_level0: int, out_
             log.debug("%s: tile source %s", path.name, name)
             return cls(path, mpp=mpp)
     return ReaderTileSource(path, mpp=mpp)
+
+
+def prepare_tile_sources(kind: str = "auto") -> None:
+    """Run ``prepare`` of the source ``kind`` (every source with ``auto``): start-up work, done once."""
+    _load_optional_sources()
+    for name, cls in SOURCES.items():
+        if kind in ("auto", name):
+            cls.prepare()
 
 
 def _preferred() -> list[tuple[str, type[TileSource]]]:

@@ -62,6 +62,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--class-weights", action="store_true", default=None, help="inverse-frequency class weights")
     lo.add_argument("--weighted-sampling", action="store_true", default=None, help="class-balanced bag sampling")
     lo.add_argument("--label-smoothing", type=float, help="label smoothing (0)")
+    lo.add_argument("--instance-weight", type=float,
+                    help="weight of the max-instance term: a bag's top tiles must give its label too (0)")
+    lo.add_argument("--instance-k", type=int, help="tiles per bag the max-instance term pools (1)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, help="peak learning rate (5e-4)")
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay (1e-4)")
@@ -110,6 +113,7 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "model.standardize": args.standardize,
         "loss.name": args.loss, "loss.focal_gamma": args.focal_gamma, "loss.class_weights": args.class_weights,
         "loss.weighted_sampling": args.weighted_sampling, "loss.label_smoothing": args.label_smoothing,
+        "loss.instance_weight": args.instance_weight, "loss.instance_k": args.instance_k,
         "optim.lr": args.lr, "optim.weight_decay": args.weight_decay, "optim.scheduler": args.scheduler,
         "optim.warmup_epochs": args.warmup_epochs, "optim.epochs": args.epochs, "optim.grad_clip": args.grad_clip,
         "optim.accumulate": args.accumulate,

@@ -161,6 +161,10 @@ class LossConfig:
         class_weights: weight classes by inverse frequency in the training split.
         weighted_sampling: draw training bags so that each class is drawn equally often.
         label_smoothing: target smoothing in [0, 1).
+        instance_weight: weight of the max-instance term added to the bag loss (0 disables it; see
+            :func:`slidemil.trainer.losses.max_instance_loss`): each class's logit of a bag's
+            ``instance_k`` highest-scoring tiles must give the bag's label too.
+        instance_k: tiles per bag whose per-class mean logit the max-instance term scores.
     """
 
     name: str = "ce"
@@ -168,6 +172,13 @@ class LossConfig:
     class_weights: bool = False
     weighted_sampling: bool = False
     label_smoothing: float = 0.0
+    instance_weight: float = 0.0
+    instance_k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.instance_weight < 0 or self.instance_k < 1:
+            raise ConfigError(f"need instance_weight >= 0 and instance_k >= 1, got {self.instance_weight}, "
+                              f"{self.instance_k}")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,12 @@ from slidemil.trainer.distributed import (
     wrap_ddp,
 )
 from slidemil.trainer.logs import RunLog
-from slidemil.trainer.losses import inverse_frequency_weights, make_loss, sample_weights_for_balancing
+from slidemil.trainer.losses import (
+    inverse_frequency_weights,
+    make_loss,
+    max_instance_loss,
+    sample_weights_for_balancing,
+)
 from slidemil.trainer.metrics import compute_metrics, flat_metrics, is_better
 from slidemil.trainer.modes import Cohort, TrainingTask
 from slidemil.trainer.rng import rng_state, set_rng_state
@@ -121,8 +126,11 @@ class Trainer:
         has_last = (self.out / f"{LAST}.json").is_file()
         if has_last and not resume:
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it, or use a new --out")
-        self.loss_fn = make_loss(cfg.loss.name, self._class_weights(train), cfg.loss.focal_gamma,
+        self.class_weights = self._class_weights(train)
+        self.loss_fn = make_loss(cfg.loss.name, self.class_weights, cfg.loss.focal_gamma,
                                  cfg.loss.label_smoothing).to(ctx.device)
+        if cfg.loss.instance_weight > 0:
+            self.model.watch_instances()
         weights = sample_weights_for_balancing(train.labels) if cfg.loss.weighted_sampling else None
         self.sampler = EpochSampler(len(train), cfg.seed, weights, ctx.rank, ctx.world_size)
         self._preload()
@@ -261,7 +269,7 @@ class Trainer:
         with sync:
             with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 out = self.ddp(batch)
-            loss = self.loss_fn(out.logits.float(), batch.labels)
+            loss = self.training_loss(out.logits.float(), batch)
             self.scaler.scale(loss * scale if scale != 1.0 else loss).backward()
         if not last:
             return float(loss.detach())
@@ -272,6 +280,16 @@ class Trainer:
         self.scaler.update()
         self.schedule.step()
         return float(loss.detach())
+
+    def training_loss(self, logits: torch.Tensor, batch: Any) -> torch.Tensor:
+        """The bag loss, plus the weighted max-instance term when ``loss.instance_weight`` > 0."""
+        loss = self.loss_fn(logits, batch.labels)
+        weight = self.cfg.loss.instance_weight
+        if weight > 0:
+            weights = None if self.class_weights is None else self.class_weights.to(logits.device)
+            loss = loss + weight * max_instance_loss(self.model.instance_logits().float(), batch.mask, batch.labels,
+                                                     self.cfg.loss.instance_k, weights)
+        return loss
 
     def _update_progress(self, epoch: int, val: dict[str, Any] | None) -> bool:
         p = self.progress

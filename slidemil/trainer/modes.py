@@ -132,6 +132,33 @@ class MILModel(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Called before each training epoch (for draws keyed by the epoch)."""
 
+    def watch_instances(self) -> None:
+        """Keep, from now on, the instance projection of each forward, for :meth:`instance_logits`."""
+        head = self._attention_head()
+        self._instances: torch.Tensor | None = None
+
+        def keep(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            self._instances = output
+
+        head.projection.register_forward_hook(keep)
+
+    def instance_logits(self) -> torch.Tensor:
+        """Per-tile logits (B, N, C) of the last forward (after :meth:`watch_instances`).
+
+        The head's classifier is linear and the attention weights sum to 1, so the bag logits are
+        exactly the attention-weighted mean of these: they need no parameters of their own, and
+        the exported head stays as it is.
+        """
+        head = self._attention_head()
+        assert self._instances is not None, "instance_logits() needs watch_instances() and a forward"
+        return head.classifier(self._instances) / head.temperature
+
+    def _attention_head(self) -> AttentionMIL:
+        head = getattr(self, "head", None)
+        if not isinstance(head, AttentionMIL):
+            raise ConfigError(f"{type(self).__name__} has no attention-MIL head")
+        return head
+
     def set_temperature(self, temperature: float) -> None:
         """Store a calibration temperature in the head (it divides the logits)."""
         head = getattr(self, "head", None)
