@@ -1,11 +1,12 @@
 """Engine efficiency and runners side by side: end-to-end tiles/s of `slidemil score` and model-only tiles/s.
 
 Run by hand from the repository root (package installed): ``python bench/score.py [--backbone
-resnet50_trunc] [--runners openvino:bf16 onnxruntime:fp32 torch:fp32:off torch:bf16:off torch:bf16:on]
+resnet50_trunc] [--runners openvino:int8 openvino:bf16 onnxruntime:fp32 torch:fp32:off torch:bf16:off torch:bf16:on]
 [--device auto|cpu|cuda] [--size 8192] [--n-slides 2] [--batch 32] [--workers 2] [--runs 3]``.
 
-A runner is ``backend[:precision[:torch-compile]]``. The default list is every CPU runner (on a GPU:
-tensorrt, onnxruntime and torch at fp16). A synthetic cohort of 20x slides is written, a package is
+A runner is ``backend[:precision[:torch-compile]]``. The default list is every CPU runner, OpenVINO
+int8 included (the package is then quantized on the cohort's slides; on a GPU: tensorrt, onnxruntime
+and torch at fp16). A synthetic cohort of 20x slides is written, a package is
 exported from a random-weights checkpoint of the backbone with a gated head, then, ``--runs`` times,
 each runner in turn (interleaved, so that a change in machine load hits them all alike):
 
@@ -69,7 +70,7 @@ class RunnerSpec:
         return name + (" compiled" if self.backend == "torch" and self.compile == "on" else "")
 
 
-DEFAULT_RUNNERS = {"cpu": ["openvino:bf16", "onnxruntime:fp32", "torch:fp32:off", "torch:bf16:off", "torch:bf16:on"],
+DEFAULT_RUNNERS = {"cpu": ["openvino:int8", "openvino:bf16", "onnxruntime:fp32", "torch:fp32:off", "torch:bf16:off", "torch:bf16:on"],
                    "cuda": ["tensorrt:fp16", "onnxruntime:fp16", "torch:fp16:off"]}
 
 
@@ -138,6 +139,9 @@ def main() -> None:
     make_cohort(work / "cohort", SynthConfig(n_slides=args.n_slides, size=args.size, seed=0), progress=False)
     ckpt = make_checkpoint(work / "run", args.backbone, "random", args.tile_px)
     export_checkpoint(ckpt, work / "model", ExportConfig(overwrite=True))
+    if any(spec.precision == "int8" for spec in specs):  # calibrated on the cohort's slides, parity checked
+        from slidemil.exporter.quantize import quantize_package
+        quantize_package(work / "model", work / "cohort" / "slides")
     from slidemil.exporter.package import load_package
     tiling = load_package(work / "model").tiling
     tiles = real_tiles(next((work / "cohort" / "slides").glob("*.svs")), tiling, args.model_tiles)

@@ -7,6 +7,7 @@ package is then exported exactly as `slidemil export` does.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,12 @@ def make_package(root: Path) -> tuple[Path, Path, SlideTruth]:
                            meta)
     export_checkpoint(ckpt, root / "model", ExportConfig())
     return root / "model", test_slide, truth_test
+
+
+def make_package_and_slides(root: Path) -> tuple[Path, Path, SlideTruth]:
+    """``make_package``, with its second slide alone in ``root/slides`` as ``lesion.svs``."""
+    model_dir, test_slide, truth = make_package(root)
+    slides = root / "slides"
+    slides.mkdir()
+    shutil.copy(test_slide, slides / "lesion.svs")
+    return model_dir, slides, truth

@@ -18,17 +18,12 @@ from slidemil.cli import main
 from slidemil.engine.runners import RUNNERS, available_backends
 from slidemil.engine.score import ScoreConfig, score_slides
 from slidemil.slide.table import SlideEntry, select_shard
-from tests.engine_fixtures import lesion_fraction_of_tiles, make_package
+from tests.engine_fixtures import lesion_fraction_of_tiles, make_package_and_slides
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    model_dir, test_slide, truth = make_package(root)
-    slides = root / "slides"
-    slides.mkdir()
-    shutil.copy(test_slide, slides / "lesion.svs")
-    return model_dir, slides, truth
+    return make_package_and_slides(tmp_path_factory.mktemp("engine"))
 
 
 @pytest.fixture(scope="module")

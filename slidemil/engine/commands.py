@@ -16,7 +16,9 @@ def _options(p: argparse.ArgumentParser) -> None:
                    help="another package to ensemble with (repeatable; probabilities are averaged)")
     p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "openvino", "torch"])
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16", "int8"],
+                   help="auto: fp16 on a GPU; on the CPU OpenVINO's int8 backbone where quantized, else bf16 "
+                        "where the CPU has it, else fp32")
     p.add_argument("--threads", type=int, help="CPU threads for the runners (default: the cores given)")
     p.add_argument("--torch-compile", choices=["auto", "on", "off"],
                    help="torch backend: torch.compile the backbone (auto: with bf16 on the CPU)")

@@ -70,10 +70,16 @@ def _onnxruntime(package: Any, s: RunnerSettings) -> RunnerPair:
 
 @builder("openvino")
 def _openvino(package: Any, s: RunnerSettings) -> RunnerPair:
+    """``auto`` takes the package's int8 backbone where ``slidemil quantize`` made one (its parity was
+    checked then), else bf16 where the CPU has it, else fp32."""
     from slidemil.engine.openvino_runner import OpenVinoRunner
-    ov_precision = "auto" if s.precision == "auto" else ("bf16" if s.precision == "bf16" else "fp32")
-    return OpenVinoRunner(package.backbone_onnx, precision=ov_precision, threads=s.threads), \
-        _cpu_head(package, s.threads)
+    int8 = package.openvino_int8(missing_ok=s.precision == "auto")
+    if s.precision == "int8" or (s.precision == "auto" and int8 is not None):
+        backbone = OpenVinoRunner(int8, precision="int8", threads=s.threads)
+    else:
+        ov_precision = "auto" if s.precision == "auto" else ("bf16" if s.precision == "bf16" else "fp32")
+        backbone = OpenVinoRunner(package.backbone_onnx, precision=ov_precision, threads=s.threads)
+    return backbone, _cpu_head(package, s.threads)
 
 
 @builder("torch")

@@ -50,12 +50,12 @@ def cpu_supports_bf16() -> bool:
 
 @register_runner("openvino")
 class OpenVinoRunner(Runner):
-    """An ONNX graph compiled by OpenVINO for the CPU.
+    """An ONNX graph (or a quantized OpenVINO IR) compiled by OpenVINO for the CPU.
 
     Args:
-        model_path: ``.onnx`` file.
+        model_path: ``.onnx`` file, or ``backbone_int8.xml`` for precision "int8".
         device: only "cpu" (OpenVINO's GPU plugin is for Intel GPUs, not used here).
-        precision: "auto", "fp32" or "bf16" (the inference precision hint).
+        precision: "auto", "fp32" or "bf16" (the inference precision hint), or "int8" (a quantized IR).
         threads: CPU threads (default: the cores this process may use).
         use_cache: keep compiled blobs in ``cache_dir()``.
     """
@@ -70,13 +70,18 @@ class OpenVinoRunner(Runner):
             raise BackendUnavailableError("the OpenVINO runner runs on the CPU; use --device cpu")
         if precision == "auto":
             precision = "bf16" if cpu_supports_bf16() else "fp32"
-        if precision not in ("fp32", "bf16"):
-            raise ConfigError(f"OpenVINO precision {precision!r}: use auto, fp32 or bf16")
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ConfigError(f"OpenVINO precision {precision!r}: use auto, fp32, bf16 or int8")
+        if precision == "int8" and Path(model_path).suffix != ".xml":
+            raise ConfigError(f"{Path(model_path).name} is not a quantized model; int8 runs backbone_int8.xml "
+                              "(slidemil quantize)")
         self.precision = precision
         core = ov.Core()
         threads = threads or cpu_threads()
+        # int8 graphs keep some layers in floating point: bf16 for those where the CPU has it
+        half = precision == "bf16" or (precision == "int8" and cpu_supports_bf16())
         config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "INFERENCE_PRECISION_HINT": "bf16" if half else "f32",
             "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": performance_hint(threads),
         }

@@ -6,6 +6,7 @@ Layout (paths relative to the package folder)::
     backbone.onnx  head.onnx       # fp32 graphs (uint8 NHWC tiles -> features; features -> outputs)
     backbone_fp16.onnx ...         # optional fp16 copies (float32/uint8 interface kept)
     backbone_fp16.plan ...         # optional TensorRT engines (one GPU model + TensorRT version)
+    backbone_int8.xml  .bin        # optional int8 OpenVINO backbone (``slidemil quantize``)
     torch/backbone.safetensors  torch/backbone_card.json  torch/head.safetensors  torch/head_config.json
 
 :func:`load_package` refuses a package whose schema version it does not know, whose manifest lists a
@@ -100,6 +101,8 @@ class Manifest:
         parity: figures measured at export (torch vs ONNX Runtime).
         export: provenance: checkpoint file, mode, epoch, exporter, max batch, seconds.
         tensorrt: engines, profiles, GPU name, compute capability, TensorRT version; None if absent.
+        openvino: ``{"int8": {"backbone": "backbone_int8.xml", "weights": ..., "calibration": ...,
+            "parity": ...}}`` from ``slidemil quantize``; None if absent.
     """
 
     schema_version: int
@@ -119,6 +122,7 @@ class Manifest:
     parity: dict[str, Any]
     export: dict[str, Any]
     tensorrt: dict[str, Any] | None = None
+    openvino: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe form (the bytes of ``manifest.json``)."""
@@ -220,6 +224,16 @@ class Package:
         if precision not in built and missing_ok:
             return None
         return self.engine(kind, precision)
+
+    def openvino_int8(self, missing_ok: bool = False) -> Path | None:
+        """The int8 OpenVINO backbone (``backbone_int8.xml``); PackageError saying how to make one when absent."""
+        entry = (self.manifest.openvino or {}).get("int8")
+        if entry is None:
+            if missing_ok:
+                return None
+            raise PackageError(f"{self.root} has no int8 backbone; make one with: slidemil quantize {self.root} "
+                               "--slides SLIDES (slides like those you will score)")
+        return self.path(entry["backbone"])
 
     @property
     def torch_dir(self) -> Path:

@@ -217,6 +217,9 @@ def open_runners(pkg: Package, backend: str, precision: str = "fp32", device: st
         return RunnerPair(*(OnnxRuntimeRunner(pkg.graph(k, precision), device=device) for k in ("backbone", "head")))
     if backend == "openvino":
         from slidemil.engine.openvino_runner import OpenVinoRunner
+        if precision == "int8":  # the quantized backbone; the head stays in floating point
+            return RunnerPair(OpenVinoRunner(pkg.openvino_int8(), precision="int8"),
+                              OpenVinoRunner(pkg.graph("head"), precision="fp32"))
         return RunnerPair(*(OpenVinoRunner(pkg.graph(k), precision=precision) for k in ("backbone", "head")))
     if backend == "tensorrt":
         from slidemil.engine.tensorrt_runner import TensorRTRunner, check_engine_compatible
@@ -284,6 +287,8 @@ def smoke_test(pkg: Package) -> list[Check]:
                for p in pkg.precisions("backbone") if p in pkg.precisions("head")]
     targets.append(("torch weights", "torch", "fp32"))
     targets += [(f"tensorrt {p} engines", "tensorrt", p) for p in pkg.precisions("backbone", fmt="tensorrt")]
+    if pkg.openvino_int8(missing_ok=True) is not None:
+        targets.append(("openvino int8 backbone", "openvino", "int8"))
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, (2, pkg.tile_px, pkg.tile_px, 3), dtype=np.uint8)
     features = rng.standard_normal((7, pkg.card.feature_dim)).astype(np.float32)
@@ -341,9 +346,13 @@ def backend_parity(pkg: Package, backend: str, precision: str, device: str, cfg:
 
 
 def resolve_precision(pkg: Package, backend: str, precision: str) -> str:
-    """``auto``: fp16 TensorRT engines where built, OpenVINO's own choice (bf16 on AMX), else fp32."""
-    if precision != "auto" or backend == "openvino":
+    """``auto`` as the engine resolves it: fp16 TensorRT engines where built; for OpenVINO the package's int8
+    backbone where quantized, else bf16 where the CPU has it; else fp32."""
+    if precision != "auto":
         return precision
+    if backend == "openvino":
+        from slidemil.engine.openvino_runner import cpu_supports_bf16
+        return "int8" if pkg.openvino_int8(missing_ok=True) else ("bf16" if cpu_supports_bf16() else "fp32")
     if backend == "tensorrt" and "fp16" in pkg.precisions(fmt="tensorrt"):
         return "fp16"
     return "fp32"
