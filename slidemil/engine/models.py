@@ -73,7 +73,7 @@ def _openvino(package: Any, s: RunnerSettings) -> RunnerPair:
     """``auto`` takes the package's int8 backbone where ``slidemil quantize`` made one (its parity was
     checked then), else bf16 where the CPU has it, else fp32."""
     from slidemil.engine.openvino_runner import OpenVinoRunner
-    int8 = package.openvino_int8(missing_ok=s.precision == "auto")
+    int8 = package.openvino_int8(missing_ok=s.precision != "int8")
     if s.precision == "int8" or (s.precision == "auto" and int8 is not None):
         backbone = OpenVinoRunner(int8, precision="int8", threads=s.threads)
     else:

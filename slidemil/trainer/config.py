@@ -135,6 +135,10 @@ class AugmentConfig:
         hue: hue rotation drawn from ``[-hue, hue]`` turns.
         stain: H&E stain jitter (Tellez et al. 2019): each of the H, E, D channels becomes
             ``s * (1 + a) + b`` with ``a, b`` from ``[-stain, stain]``; 0 disables it (0.05: light).
+        feature_shift: features mode: every standardised feature of a training bag moves by one
+            offset per bag and feature, drawn from N(0, feature_shift^2), so that the head cannot
+            tell the training slides apart by their overall look (stain, scanner) and must find
+            what differs between tiles; 0 disables it.
     """
 
     enabled: bool = True
@@ -144,8 +148,11 @@ class AugmentConfig:
     saturation: float = 0.1
     hue: float = 0.02
     stain: float = 0.0
+    feature_shift: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.feature_shift < 0:
+            raise ConfigError(f"feature_shift must be >= 0, got {self.feature_shift}")
         strengths = (self.brightness, self.contrast, self.saturation, self.stain)
         if min(strengths) < 0 or max(strengths) >= 1 or not 0 <= self.hue <= 0.5:
             raise ConfigError("augmentation strengths must be in [0, 1) and hue in [0, 0.5]")
