@@ -56,16 +56,14 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="no tile augmentation (default: flips, 90-degree rotations, colour jitter)")
     a.add_argument("--colour-jitter", type=float, help="brightness, contrast and saturation jitter (0.1)")
     a.add_argument("--stain-jitter", type=float, help="H&E stain jitter strength, e.g. 0.05; 0 = off (0)")
-    a.add_argument("--feature-shift", type=float,
-                   help="features mode: std of a random per-bag offset of the standardised features (0)")
     lo = p.add_argument_group("loss")
     lo.add_argument("--loss", choices=["ce", "focal"], help="loss (ce)")
     lo.add_argument("--focal-gamma", type=float, help="focal loss gamma (2)")
     lo.add_argument("--class-weights", action="store_true", default=None, help="inverse-frequency class weights")
     lo.add_argument("--weighted-sampling", action="store_true", default=None, help="class-balanced bag sampling")
     lo.add_argument("--label-smoothing", type=float, help="label smoothing (0)")
-    lo.add_argument("--instance-weight", type=float,
-                    help="weight of the max-instance term: a bag's top tiles must give its label too (0)")
+    lo.add_argument("--instance-weight", type=float, help="weight of the max-instance term: a bag's top "
+                    "tiles must give its label too (0; 0.5 for lesions of a few tiles)")
     lo.add_argument("--instance-k", type=int, help="tiles per bag the max-instance term pools (1)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, help="peak learning rate (5e-4)")
@@ -111,7 +109,6 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "backbone.chunk": args.backbone_batch,
         "augment.enabled": args.augment, "augment.brightness": jitter, "augment.contrast": jitter,
         "augment.saturation": jitter, "augment.stain": args.stain_jitter,
-        "augment.feature_shift": args.feature_shift,
         "model.mil": args.mil, "model.hidden_dim": args.hidden_dim, "model.dropout": args.dropout,
         "model.standardize": args.standardize,
         "loss.name": args.loss, "loss.focal_gamma": args.focal_gamma, "loss.class_weights": args.class_weights,

@@ -135,10 +135,6 @@ class AugmentConfig:
         hue: hue rotation drawn from ``[-hue, hue]`` turns.
         stain: H&E stain jitter (Tellez et al. 2019): each of the H, E, D channels becomes
             ``s * (1 + a) + b`` with ``a, b`` from ``[-stain, stain]``; 0 disables it (0.05: light).
-        feature_shift: features mode: every standardised feature of a training bag moves by one
-            offset per bag and feature, drawn from N(0, feature_shift^2), so that the head cannot
-            tell the training slides apart by their overall look (stain, scanner) and must find
-            what differs between tiles; 0 disables it.
     """
 
     enabled: bool = True
@@ -148,11 +144,8 @@ class AugmentConfig:
     saturation: float = 0.1
     hue: float = 0.02
     stain: float = 0.0
-    feature_shift: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.feature_shift < 0:
-            raise ConfigError(f"feature_shift must be >= 0, got {self.feature_shift}")
         strengths = (self.brightness, self.contrast, self.saturation, self.stain)
         if min(strengths) < 0 or max(strengths) >= 1 or not 0 <= self.hue <= 0.5:
             raise ConfigError("augmentation strengths must be in [0, 1) and hue in [0, 0.5]")
@@ -170,7 +163,16 @@ class LossConfig:
         label_smoothing: target smoothing in [0, 1).
         instance_weight: weight of the max-instance term added to the bag loss (0 disables it; see
             :func:`slidemil.trainer.losses.max_instance_loss`): each class's logit of a bag's
-            ``instance_k`` highest-scoring tiles must give the bag's label too.
+            ``instance_k`` highest-scoring tiles must give the bag's label too. It gives the few
+            tiles of a small lesion their full gradient from the first step, where the bag loss
+            dilutes it over the whole bag until the attention has found them; without it, the head
+            may fit a small training cohort by other differences between its slides first
+            (training loss near 0, validation AUC near chance, attention off the lesion). Use 0.5
+            for lesions of a few tiles: on synthetic cohorts with one subtle lesion on 0.8 % of
+            the tissue (2-4 of about 330 tiles, random-weight resnet18 features, 64 slides, 5-fold
+            CV, 5 seeds) it raised the test AUC of the folds from 0.96 +- 0.14 (worst 0.33) to
+            0.99 +- 0.02 (worst 0.92) and the attention AUC of lesion tiles from 0.95 +- 0.19 to
+            0.99 +- 0.04; cohorts with larger lesions stay at 1.0 (tests/test_learning_target.py).
         instance_k: tiles per bag whose per-class mean logit the max-instance term scores.
     """
 

@@ -175,29 +175,16 @@ class FeatureMIL(MILModel):
     takes raw features, as the engine gives them.
     """
 
-    def __init__(self, head: AttentionMIL, standardize: bool = True, shift: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, head: AttentionMIL, standardize: bool = True) -> None:
         super().__init__()
         self.head = head
         self.standardize = standardize
-        self.shift, self.seed, self.epoch = shift, seed, 0
         self.register_buffer("feature_mean", torch.zeros(head.in_dim))
         self.register_buffer("feature_scale", torch.ones(head.in_dim))
 
     def forward(self, batch: BagBatch) -> MILOutput:
         """features (B, N, D) + mask (B, N) -> MILOutput."""
-        x = (batch.inputs - self.feature_mean) * self.feature_scale
-        if self.training and self.shift > 0:
-            x = x + self._bag_shifts(batch.indices.tolist(), x.shape[-1]).to(x.device, x.dtype)[:, None, :]
-        return self.head(x, batch.mask)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _bag_shifts(self, indices: list[int], dim: int) -> torch.Tensor:
-        """(B, D) offsets N(0, shift^2), one per bag, drawn from (seed, epoch, slide index)."""
-        from slidemil.trainer.augment import bag_generator
-        return torch.stack([torch.randn(dim, generator=bag_generator(self.seed, self.epoch, i)) for i in indices]
-                           ) * self.shift
+        return self.head((batch.inputs - self.feature_mean) * self.feature_scale, batch.mask)
 
     @torch.no_grad()
     def prepare(self, train: BagDataset, ctx: DistContext) -> None:
@@ -302,6 +289,5 @@ class FeaturesMode:
         meta = {"mode": "features", "head_config": head.config.to_dict() if head.config else None,
                 "backbone_card": card.to_dict() if card else None, "backbone_weights": weights,
                 "tiling": cohort.extra["tiling"]}
-        shift = cfg.augment.feature_shift if cfg.augment.enabled else 0.0
-        return TrainingTask(FeatureMIL(head, cfg.model.standardize, shift, cfg.seed), datasets, meta,
+        return TrainingTask(FeatureMIL(head, cfg.model.standardize), datasets, meta,
                             backbone_dir=features_dir / "backbone" if card else None)
