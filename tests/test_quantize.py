@@ -97,15 +97,3 @@ def test_quantize_writes_nothing_when_int8_misses_its_tolerance(packaged, tmp_pa
     assert (dst / "manifest.json").read_text() == before
     assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in model_dir.iterdir())
     assert json.loads(before).get("openvino") is None
-
-
-def test_a_failed_requantization_keeps_the_earlier_int8_backbone(packaged, quantized, tmp_path, monkeypatch):
-    _, _, _, calibration = packaged
-    dst = tmp_path / "model"
-    shutil.copytree(quantized.root, dst)
-    before = {p.name: p.read_bytes() for p in dst.iterdir() if p.is_file()}
-    monkeypatch.setattr(quantize, "tolerance_for", lambda precision: 0.0)
-    with pytest.raises(ExportError, match="misses its tolerance"):
-        quantize_package(dst, calibration, SMALL)
-    assert {p.name: p.read_bytes() for p in dst.iterdir() if p.is_file()} == before  # no temporaries left either
-    assert load_package(dst).openvino_int8() == dst / "backbone_int8.xml"

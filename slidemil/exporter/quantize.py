@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from slidemil.atomic import TMP_MARK
+from slidemil.atomic import atomic_path
 from slidemil.errors import BackendUnavailableError, ConfigError, ExportError, SlidemilError
 from slidemil.exporter.package import Package, library_versions, load_package, write_manifest
 from slidemil.exporter.verify import (
@@ -112,7 +112,14 @@ def quantize_backbone(pkg: Package, tiles: np.ndarray, batch_size: int, out_xml:
     dataset = nncf.Dataset(batches, lambda batch: {"tiles": batch})
     quantized = nncf.quantize(model, dataset, subset_size=len(batches), preset=nncf.QuantizationPreset.MIXED,
                               ignored_scope=nncf.IgnoredScope(names=kept) if kept else None)
-    ov.save_model(quantized, str(out_xml), compress_to_fp16=False)  # and out_xml's stem + ".bin"
+    # the .bin is written beside the .xml under the same stem: both go under temporary names first
+    with atomic_path(out_xml) as tmp_xml:
+        tmp_bin = tmp_xml.with_suffix(".bin")
+        try:
+            ov.save_model(quantized, str(tmp_xml), compress_to_fp16=False)
+            tmp_bin.replace(out_xml.with_suffix(".bin"))
+        finally:
+            tmp_bin.unlink(missing_ok=True)
     return kept
 
 
@@ -142,25 +149,19 @@ def quantize_package(package_dir: str | Path, slides: str | Path, cfg: QuantizeC
     pkg = load_package(package_dir)
     started = time.perf_counter()
     tiles, used = sample_tiles(pkg, slides, cfg.calibration_tiles + cfg.parity_tiles, cfg.seed, slide_mpp)
-    split = max(len(tiles) - cfg.parity_tiles, len(tiles) // 2)
     if len(tiles) < cfg.calibration_tiles + cfg.parity_tiles:
-        log.warning("only %d tissue tiles in %s: calibrating on %d", len(tiles), slides, split)
+        log.warning("only %d tissue tiles in %s: calibrating on %d", len(tiles), slides, len(tiles) - cfg.parity_tiles)
+    split = max(len(tiles) - cfg.parity_tiles, len(tiles) // 2)
     calibration, held_out = tiles[:split], tiles[split:]
-    # Staged under temporary names (ignored by the manifest) until the parity passes: a failed or killed
-    # run leaves the package as it was, an earlier int8 backbone included.
-    staged = pkg.root / f"{TMP_MARK}{INT8_XML}"
-    try:
-        kept = quantize_backbone(pkg, calibration, cfg.batch_size, staged)
-        figures = int8_parity(pkg, staged, held_out, dataclasses.replace(cfg.parity, n_tiles=len(held_out)))
-        log.info("parity openvino int8 vs onnxruntime fp32: %s", summary(figures))
-        if not figures["passed"]:
-            raise ExportError(f"the int8 backbone misses its tolerance ({summary(figures)}); calibrate on more, or "
-                              "more representative, slides, or score with --precision bf16")
-        staged.with_suffix(".bin").replace(pkg.root / INT8_BIN)
-        staged.replace(pkg.root / INT8_XML)
-    finally:
-        staged.unlink(missing_ok=True)
-        staged.with_suffix(".bin").unlink(missing_ok=True)
+    xml = pkg.root / INT8_XML
+    kept = quantize_backbone(pkg, calibration, cfg.batch_size, xml)
+    figures = int8_parity(pkg, xml, held_out, dataclasses.replace(cfg.parity, n_tiles=len(held_out)))
+    log.info("parity openvino int8 vs onnxruntime fp32: %s", summary(figures))
+    if not figures["passed"]:
+        xml.unlink()
+        xml.with_suffix(".bin").unlink()
+        raise ExportError(f"the int8 backbone misses its tolerance ({summary(figures)}); calibrate on more, or more "
+                          "representative, slides, or score with --precision bf16")
     section = {"int8": {"backbone": INT8_XML, "weights": INT8_BIN, "reference": "onnxruntime fp32 (cpu)",
                         "calibration": {"slides": used, "tiles": len(calibration), "seed": cfg.seed,
                                         "preset": "mixed", "kept_in_float": kept},
