@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,8 @@ import numpy as np
 
 from slidemil.atomic import atomic_path
 from slidemil.errors import BackendUnavailableError, ConfigError, ExportError, SlidemilError
-from slidemil.exporter.package import Package, library_versions, load_package, write_manifest
-from slidemil.exporter.verify import (
-    ParityConfig,
-    RunnerPair,
-    colour_tiling,
-    measure_parity,
-    summary,
-    tolerance_for,
-)
+from slidemil.exporter.package import Package, load_package, write_manifest
+from slidemil.exporter.verify import ParityConfig, RunnerPair, measure_parity, summary, tolerance_for
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +66,13 @@ def sample_tiles(pkg: Package, slides: str | Path, n: int, seed: int,
     from slidemil.slide.tiling import plan_tiles
 
     entries = load_slides(slides, slide_mpp)
-    tiling = colour_tiling(pkg.tiling)
     rng = np.random.default_rng(seed)
     per_slide = max(1, -(-n // len(entries)))
     tiles, used = [], []
     for entry in entries:
         try:
             with open_slide(entry.path, mpp=entry.mpp) as reader:
-                grid = plan_tiles(reader, tiling).grid
+                grid = plan_tiles(reader, pkg.tiling).grid
                 if len(grid) == 0:
                     continue
                 pick = np.sort(rng.choice(len(grid), size=min(per_slide, len(grid)), replace=False))
@@ -167,8 +160,16 @@ def quantize_package(package_dir: str | Path, slides: str | Path, cfg: QuantizeC
                                         "preset": "mixed", "kept_in_float": kept},
                         "parity_tiles": f"{len(held_out)} other tiles of the same slides", "parity": figures,
                         "seconds": round(time.perf_counter() - started, 1)}}
-    current = library_versions()  # the export's versions stay; the quantizer's are added
-    versions = {**pkg.manifest.library_versions, **{k: current[k] for k in ("nncf", "openvino") if k in current}}
+    versions = {**pkg.manifest.library_versions, **_versions("nncf", "openvino")}
     write_manifest(pkg.root, dataclasses.replace(pkg.manifest, openvino=section, library_versions=versions))
     return load_package(pkg.root)
 
+
+def _versions(*names: str) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

@@ -101,19 +101,14 @@ def parity_tiles(tiling: TilingConfig, tile_px: int, n: int, slide: str | Path |
         return _cut_tiles(path, tiling, tile_px, n, seed), f"synthetic slide ({size} px, seed {seed})"
 
 
-def colour_tiling(tiling: TilingConfig) -> TilingConfig:
-    """``tiling`` with tissue found by colour: user masks belong to the training slides, not to these."""
-    from dataclasses import replace
-    if tiling.tissue.method != "mask":
-        return tiling
-    return replace(tiling, tissue=replace(tiling.tissue, method="otsu", mask_dir=None))
-
-
 def _cut_tiles(path: Path, tiling: TilingConfig, tile_px: int, n: int, seed: int) -> np.ndarray:
+    from dataclasses import replace
+
     from slidemil.slide.reader import open_slide
     from slidemil.slide.tiling import plan_tiles
 
-    tiling = colour_tiling(tiling)
+    if tiling.tissue.method == "mask":  # user masks are per slide; any other slide is tiled by colour
+        tiling = replace(tiling, tissue=replace(tiling.tissue, method="otsu", mask_dir=None))
     rng = np.random.default_rng(seed)
     with open_slide(path) as reader:
         grid = plan_tiles(reader, tiling).grid
