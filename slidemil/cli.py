@@ -122,6 +122,31 @@ def report_batch(batch: Any) -> int:
     return 0
 
 
+def _check_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", type=Path,
+                   help="coords/features h5 files or folders, features or run folders, checkpoints, model packages")
+    p.add_argument("--all", action="store_true", help="list every file, not only those with problems")
+    p.add_argument("--json", type=Path, help="also write the findings to this JSON file")
+
+
+@command("check", "check h5 files, features folders, checkpoints and model packages against their contracts",
+         _check_options)
+def _check(args: argparse.Namespace) -> int:
+    from slidemil.atomic import write_json
+    from slidemil.check import check_paths
+    report = check_paths(args.paths)
+    for f in report.findings:
+        if not f.ok:
+            log.error("FAILED %s (%s): %s", f.path, f.kind, "; ".join(f.problems))
+        elif args.all or f.kind not in ("coords", "features"):
+            log.info("ok     %s (%s) %s", f.path, f.kind, f.detail)
+    if args.json:
+        write_json(args.json, {"ok": report.ok, "summary": report.summary(),
+                               "findings": [f.to_dict() for f in report.findings]})
+    (log.info if report.ok else log.error)("%s", report.summary())
+    return 0 if report.ok else 1
+
+
 # -- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     _load_command_modules()

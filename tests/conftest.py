@@ -1,4 +1,4 @@
-"""Shared fixtures: offline hub, a small synthetic cohort, real fixture paths."""
+"""Shared fixtures: offline hub, a small synthetic cohort, the real slide files of tests/data."""
 
 from __future__ import annotations
 
@@ -10,23 +10,22 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_DATA = Path(__file__).resolve().parent / "data"  # origins and licences: tests/data/README.md
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
+def real_data() -> Path:
     """The real slide fixtures (read-only); tests copy files before touching them."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real fixtures not found at {SHARED_DATA}")
-    return SHARED_DATA
+    assert (REAL_DATA / "CMU-1-Small-Region.svs").is_file(), f"the real fixtures of {REAL_DATA} are missing"
+    return REAL_DATA
 
 
 @pytest.fixture
-def fixture_copy(shared_data: Path, tmp_path: Path):
+def fixture_copy(real_data: Path, tmp_path: Path):
     """Copy one real fixture into tmp_path and return the copy's path."""
     def copy(name: str) -> Path:
         dst = tmp_path / name
-        shutil.copy(shared_data / name, dst)
+        shutil.copy(real_data / name, dst)
         return dst
     return copy
 

@@ -78,12 +78,12 @@ def test_onnxruntime_matches_the_torch_path(package, scored, tmp_path):
                                atol=1e-5)
 
 
-def test_bad_slides_are_rows_and_the_batch_goes_on(package, tmp_path, shared_data):
+def test_bad_slides_are_rows_and_the_batch_goes_on(package, tmp_path, real_data):
     model_dir, slides, _ = package
     mixed = tmp_path / "slides"
     shutil.copytree(slides, mixed)
     for name in ("unreadable.svs", "unopenable.tiff", "boxes.tiff"):
-        shutil.copy(shared_data / name, mixed / name)
+        shutil.copy(real_data / name, mixed / name)
     out = tmp_path / "out"
     assert main(["score", str(model_dir), str(mixed), "--out", str(out), "--backend", "onnxruntime",
                  "--device", "cpu", "--top-k", "0"]) == 0

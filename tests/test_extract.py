@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -23,8 +20,6 @@ from slidemil.slide.reader import open_slide
 from slidemil.slide.store import read_h5
 from slidemil.slide.table import SlideEntry
 from slidemil.slide.tiling import TilingConfig, tile_slides
-
-CHECK_H5 = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "check_h5.py"
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +78,7 @@ def test_extraction_writes_the_contract(tiled, tmp_path):
         np.testing.assert_array_equal(feats.coords, coords.coords)
         assert feats.features.shape == (len(coords.coords), 96) and np.isfinite(feats.features).all()
         assert feats.encoder == "test_resnet" and feats.attrs == coords.attrs
-    result = subprocess.run([sys.executable, str(CHECK_H5), str(tmp_path / "features")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout
+    assert main(["check", str(tmp_path / "features")]) == 0  # the h5 contract of docs/formats.md
     # the backbone travels with the features: random weights are saved and their hash recorded
     model, card = load_backbone(tmp_path / "backbone")
     assert card.name == "test_resnet" and card.weights_source == "random"
@@ -111,11 +105,11 @@ def test_clam_style_loader_reads_our_files(tiled, tmp_path):
     assert features.ndim == 2 and coords.shape == (len(features), 2) and patch_level == 0 and patch_size == 256
 
 
-def test_extract_cli_resumes_and_records_bad_slides(tmp_path, synth_cohort, shared_data):
+def test_extract_cli_resumes_and_records_bad_slides(tmp_path, synth_cohort, real_data):
     cohort, table = synth_cohort
     slides = tmp_path / "slides"
     shutil.copytree(cohort / "slides", slides)
-    shutil.copy(shared_data / "unreadable.svs", slides)
+    shutil.copy(real_data / "unreadable.svs", slides)
     out = tmp_path / "feat"
     args = ["extract", str(slides), "--tile", "--out", str(out), "--backbone", "test_resnet", "--device", "cpu",
             "--limit-tiles", "20", "--batch-size", "8"]

@@ -83,8 +83,8 @@ def _random_coords(width: int, height: int, n: int, seed: int, margin: int = 120
 
 # -- identity with OpenSlide ------------------------------------------------------------------
 
-def test_cmu_every_file_tile_is_identical(shared_data):
-    path = shared_data / CMU
+def test_cmu_every_file_tile_is_identical(real_data):
+    path = real_data / CMU
     page = tifffile.TiffFile(path).pages[0]
     assert (page.tilewidth, page.tilelength, page.photometric, page.compression) == (240, 240, 2, 7)
     coords = _grid(2220, 2967, 240)
@@ -93,10 +93,10 @@ def test_cmu_every_file_tile_is_identical(shared_data):
     assert np.array_equal(ours, theirs)
 
 
-def test_cmu_unaligned_and_edge_tiles_are_identical(shared_data):
+def test_cmu_unaligned_and_edge_tiles_are_identical(real_data):
     coords = np.vstack([_random_coords(2220, 2967, 40, seed=1), [[2100, 2900], [2219, 2966], [-5, -7], [3000, 10]]])
     for size in (240, 300):
-        ours, theirs = _both(shared_data / CMU, coords, size, size)
+        ours, theirs = _both(real_data / CMU, coords, size, size)
         assert np.array_equal(ours, theirs), size
 
 
@@ -120,9 +120,9 @@ def test_synthetic_aperio_slide_identical_on_both_levels(synth_slide):
     assert np.array_equal(ours, theirs)
 
 
-def test_resized_tiles_within_tolerance(shared_data, tiffs):
+def test_resized_tiles_within_tolerance(real_data, tiffs):
     # Level 0 only, 512 -> 256 with cv2 INTER_AREA on both sides.
-    ours, theirs = _both(shared_data / CMU, _random_coords(2220, 2967, 12, seed=3), 512, 256)
+    ours, theirs = _both(real_data / CMU, _random_coords(2220, 2967, 12, seed=3), 512, 256)
     assert np.abs(ours.astype(int) - theirs).mean() <= 1
     # Coarser levels with fractional level coordinates (downsample 2.003, 4.01): OpenSlide interpolates.
     coords = _random_coords(701, 603, 16, seed=4)
@@ -142,25 +142,25 @@ def test_non_jpeg_level_falls_back_to_openslide(tmp_path):
 
 # -- choice of source -------------------------------------------------------------------------
 
-def test_supports_only_jpeg_tiled_svs_and_tiff(shared_data, tiffs, tmp_path):
-    assert JpegTileSource.supports(shared_data / CMU, 240, 240)
+def test_supports_only_jpeg_tiled_svs_and_tiff(real_data, tiffs, tmp_path):
+    assert JpegTileSource.supports(real_data / CMU, 240, 240)
     assert JpegTileSource.supports(tiffs["rgb"], 256, 256)
     lzw = tmp_path / "lzw.tiff"
     tifffile.imwrite(lzw, _image(300, 300), tile=(256, 256), compression="lzw", photometric="rgb")
-    for path in (shared_data / "boxes.tiff", lzw, shared_data / "bone-marrow-jpeg.dcm",
-                 shared_data / "he-tile-1000.png", shared_data / "unopenable.tiff", tmp_path / "absent.svs"):
+    for path in (real_data / "boxes.tiff", lzw, real_data / "bone-marrow-jpeg.dcm",
+                 real_data / "he-tile-1000.png", real_data / "unopenable.tiff", tmp_path / "absent.svs"):
         assert not JpegTileSource.supports(path, 256, 256), path.name
     with pytest.raises(SlideOpenError, match="boxes.tiff"):
-        JpegTileSource(shared_data / "boxes.tiff")
+        JpegTileSource(real_data / "boxes.tiff")
 
 
-def test_auto_prefers_jpeg_where_it_can(shared_data):
-    with open_tile_source(shared_data / CMU, None, 240, 240, kind="auto") as src:
+def test_auto_prefers_jpeg_where_it_can(real_data):
+    with open_tile_source(real_data / CMU, None, 240, 240, kind="auto") as src:
         assert isinstance(src, JpegTileSource) and src.source_name == "jpeg"
     for name in ("boxes.tiff", "bone-marrow-jpeg.dcm"):
-        with open_tile_source(shared_data / name, 1.0, 64, 64, kind="auto") as src:
+        with open_tile_source(real_data / name, 1.0, 64, 64, kind="auto") as src:
             assert isinstance(src, ReaderTileSource), name
-    with open_tile_source(shared_data / CMU, None, 240, 240, kind="jpeg") as src:
+    with open_tile_source(real_data / CMU, None, 240, 240, kind="jpeg") as src:
         assert isinstance(src, JpegTileSource)
 
 
@@ -179,8 +179,8 @@ def test_corrupt_tile_is_a_read_error_naming_the_file(fixture_copy):
             src.read(np.array([[0, 0], [5 * 240, 0]]), 240, 240)
 
 
-def test_unreadable_fixture_and_truncated_file_are_read_errors(shared_data, tiffs, tmp_path):
-    with JpegTileSource(shared_data / "unreadable.svs") as src:
+def test_unreadable_fixture_and_truncated_file_are_read_errors(real_data, tiffs, tmp_path):
+    with JpegTileSource(real_data / "unreadable.svs") as src:
         with pytest.raises(SlideReadError, match="unreadable.svs"):
             src.read(np.array([[0, 0]]), 16, 16)
     path = tmp_path / "cut.tiff"
@@ -390,10 +390,10 @@ def test_rgb_jpeg_marks_components_as_rgb():
     assert len(out) == len(jfif) + len(ADOBE_RGB_SEGMENT) - 18  # the 18-byte JFIF segment is gone
 
 
-def test_device_pipeline_on_cpu_matches_read(shared_data, tiffs):
+def test_device_pipeline_on_cpu_matches_read(real_data, tiffs):
     # The tensor pipeline of read_device (assembly, sub-pixel shift, area resize), run on the CPU.
     cpu = torch.device("cpu")
-    with JpegTileSource(shared_data / CMU) as src:
+    with JpegTileSource(real_data / CMU) as src:
         coords = _random_coords(2220, 2967, 10, seed=5)
         assert torch.equal(src._read_torch(coords, 240, 240, cpu), torch.from_numpy(src.read(coords, 240, 240)))
         tiles = src.read_device(coords, 240, 240, "cpu")
@@ -414,10 +414,10 @@ def test_area_resize_matches_opencv(n, m):
 
 
 @pytest.mark.gpu
-def test_nvjpeg_tiles_on_the_device_match_the_cpu(shared_data, synth_slide):
+def test_nvjpeg_tiles_on_the_device_match_the_cpu(real_data, synth_slide):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    for path, size, out in ((shared_data / CMU, 240, 240), (shared_data / CMU, 448, 224), (synth_slide[0], 256, 256),
+    for path, size, out in ((real_data / CMU, 240, 240), (real_data / CMU, 448, 224), (synth_slide[0], 256, 256),
                             (synth_slide[0], 1024, 256)):
         with JpegTileSource(path) as src:
             coords = _random_coords(2000, 2000, 64, seed=7)

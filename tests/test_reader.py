@@ -1,4 +1,4 @@
-"""The slide reader on the real fixtures of ../shared/data and on small made-up images."""
+"""The slide reader on the real fixtures of tests/data and on small made-up images."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from slidemil.errors import MissingMppError, SlideOpenError, SlideReadError
 from slidemil.slide.reader import open_slide
 
 
-def test_aperio_svs_geometry_and_mpp(shared_data):
-    with open_slide(shared_data / "CMU-1-Small-Region.svs") as r:
+def test_aperio_svs_geometry_and_mpp(real_data):
+    with open_slide(real_data / "CMU-1-Small-Region.svs") as r:
         assert r.reader_name == "openslide" and r.vendor == "aperio"
         assert r.dimensions == (2220, 2967) and r.level_count == 1
         assert r.mpp == pytest.approx(0.499)
@@ -19,45 +19,45 @@ def test_aperio_svs_geometry_and_mpp(shared_data):
         assert r.slide_id == "CMU-1-Small-Region"
 
 
-def test_dicom_wsi_opens(shared_data):
-    with open_slide(shared_data / "bone-marrow-jpeg.dcm") as r:
+def test_dicom_wsi_opens(real_data):
+    with open_slide(real_data / "bone-marrow-jpeg.dcm") as r:
         assert r.vendor == "dicom" and r.dimensions == (957, 715)
         assert r.mpp == pytest.approx(16.783, rel=1e-3)
 
 
-def test_generic_tiff_levels_and_missing_mpp(shared_data):
-    with open_slide(shared_data / "boxes.tiff") as r:
+def test_generic_tiff_levels_and_missing_mpp(real_data):
+    with open_slide(real_data / "boxes.tiff") as r:
         assert r.vendor == "generic-tiff" and r.level_count == 4
         assert r.level_dimensions[0] == (300, 250) and r.level_dimensions[-1] == (37, 31)
         with pytest.raises(MissingMppError, match="--slide-mpp"):
             _ = r.mpp
-    with open_slide(shared_data / "boxes.tiff", mpp=0.25) as r:
+    with open_slide(real_data / "boxes.tiff", mpp=0.25) as r:
         assert r.mpp == 0.25
 
 
-def test_plain_png_needs_an_mpp(shared_data):
-    with open_slide(shared_data / "he-tile-1000.png") as r:
+def test_plain_png_needs_an_mpp(real_data):
+    with open_slide(real_data / "he-tile-1000.png") as r:
         assert r.reader_name == "image" and r.dimensions == (1000, 1000)
         with pytest.raises(MissingMppError):
             _ = r.mpp
-    with open_slide(shared_data / "he-tile-1000.png", mpp=0.5) as r:
+    with open_slide(real_data / "he-tile-1000.png", mpp=0.5) as r:
         tiles = r.read_tiles(np.array([[0, 0], [500, 500]]), 256, 128)
         assert tiles.shape == (2, 128, 128, 3) and tiles.dtype == np.uint8
-        full = np.asarray(Image.open(shared_data / "he-tile-1000.png").convert("RGB"))
+        full = np.asarray(Image.open(real_data / "he-tile-1000.png").convert("RGB"))
         # area interpolation of an exact 2x reduction is the mean of each 2x2 block
         expect = full[500:756, 500:756].reshape(128, 2, 128, 2, 3).mean(axis=(1, 3))
         assert np.abs(tiles[1].astype(float) - expect).max() <= 1.0
 
 
-def test_unreadable_svs_is_a_read_error_naming_the_file(shared_data):
-    with open_slide(shared_data / "unreadable.svs") as r:
+def test_unreadable_svs_is_a_read_error_naming_the_file(real_data):
+    with open_slide(real_data / "unreadable.svs") as r:
         with pytest.raises(SlideReadError, match="unreadable.svs"):
             r.read_tiles(np.array([[0, 0]]), 16, 16)
 
 
-def test_unopenable_tiff_is_an_open_error(shared_data):
+def test_unopenable_tiff_is_an_open_error(real_data):
     with pytest.raises(SlideOpenError, match="unopenable.tiff"):
-        open_slide(shared_data / "unopenable.tiff")
+        open_slide(real_data / "unopenable.tiff")
 
 
 def test_missing_and_foreign_files(tmp_path):
@@ -80,8 +80,8 @@ def test_transparent_pixels_become_white(tmp_path):
     assert (tile[:, :20] == (200, 20, 20)).all() and (tile[:, 20:] == 255).all()
 
 
-def test_tiles_come_from_the_coarsest_level_that_keeps_resolution(shared_data):
-    with open_slide(shared_data / "boxes.tiff", mpp=1.0) as r:
+def test_tiles_come_from_the_coarsest_level_that_keeps_resolution(real_data):
+    with open_slide(real_data / "boxes.tiff", mpp=1.0) as r:
         assert r.best_level_for(1.0) == 0
         assert r.best_level_for(2.0) == 1
         assert r.best_level_for(3.9) == 1  # level 2 (4.016x) would lose resolution
@@ -94,9 +94,9 @@ def test_tiles_come_from_the_coarsest_level_that_keeps_resolution(shared_data):
         assert thumb.shape == (62, 75, 3) and mpp == pytest.approx(4.0, rel=0.01)
 
 
-def test_reader_pickles_by_path(shared_data):
+def test_reader_pickles_by_path(real_data):
     import pickle
-    with open_slide(shared_data / "CMU-1-Small-Region.svs") as r:
+    with open_slide(real_data / "CMU-1-Small-Region.svs") as r:
         clone = pickle.loads(pickle.dumps(r))
         coords = np.array([[512, 512]])
         np.testing.assert_array_equal(clone.read_tiles(coords, 256, 256), r.read_tiles(coords, 256, 256))

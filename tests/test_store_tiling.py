@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,7 +13,6 @@ from slidemil.cli import main
 from slidemil.errors import StoreError
 from slidemil.slide.store import SCHEMA_VERSION, CoordsAttrs, read_h5, write_h5
 
-CHECK_H5 = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "check_h5.py"
 ATTRS = CoordsAttrs(patch_size=256, patch_size_level0=512, patch_level=0, level0_magnification=40.0,
                     target_magnification=20.0, overlap=0, level0_width=4096, level0_height=3072, mpp=0.5,
                     slide_mpp=0.25, name="s1", stride_level0=512)
@@ -57,12 +53,12 @@ def test_truncated_and_foreign_files_raise_store_error(tmp_path):
         read_h5(tmp_path / "missing.h5")
 
 
-def test_tile_command_on_a_folder_with_bad_slides(tmp_path, synth_cohort, shared_data):
+def test_tile_command_on_a_folder_with_bad_slides(tmp_path, synth_cohort, real_data):
     cohort, table = synth_cohort
     slides = tmp_path / "slides"
     shutil.copytree(cohort / "slides", slides)
     for name in ("unreadable.svs", "unopenable.tiff", "CMU-1-Small-Region.svs"):
-        shutil.copy(shared_data / name, slides / name)
+        shutil.copy(real_data / name, slides / name)
     out = tmp_path / "tiles"
     assert main(["tile", str(slides), "--out", str(out)]) == 0
     log = pd.read_csv(out / "tiling.csv").set_index("slide_id")
@@ -75,8 +71,7 @@ def test_tile_command_on_a_folder_with_bad_slides(tmp_path, synth_cohort, shared
         bag = read_h5(out / "coords" / f"{slide_id}.h5")
         assert len(bag.coords) == good.loc[slide_id, "n_tiles"]
     assert (out / "tiling_config.json").is_file()
-    result = subprocess.run([sys.executable, str(CHECK_H5), str(out / "coords")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout
+    assert main(["check", str(out / "coords")]) == 0  # the h5 contract of docs/formats.md
     # n_tiles follows the tissue area: 256 px tiles at 0.5 mpp cover 128 um x 128 um
     for slide_id, row in good.drop("CMU-1-Small-Region").iterrows():
         bag = read_h5(out / "coords" / f"{slide_id}.h5")
@@ -89,9 +84,9 @@ def test_tile_command_on_a_folder_with_bad_slides(tmp_path, synth_cohort, shared
     assert not list(out.rglob(".tmp-*"))
 
 
-def test_tile_real_skin_at_half_micron(tmp_path, shared_data):
+def test_tile_real_skin_at_half_micron(tmp_path, real_data):
     out = tmp_path / "t"
-    assert main(["tile", str(shared_data / "CMU-1-Small-Region.svs"), "--out", str(out), "--mpp", "0.5",
+    assert main(["tile", str(real_data / "CMU-1-Small-Region.svs"), "--out", str(out), "--mpp", "0.5",
                  "--patch-size", "256"]) == 0
     bag = read_h5(out / "coords" / "CMU-1-Small-Region.h5")
     assert bag.attrs.patch_size_level0 == 257 and 20 <= len(bag.coords) <= 60

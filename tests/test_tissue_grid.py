@@ -25,8 +25,8 @@ def test_tissue_matches_synthetic_truth(synth_slide):
     assert iou(mask.mask, expected) >= 0.97
 
 
-def test_tissue_on_real_skin_covers_tissue_not_glass(shared_data):
-    with open_slide(shared_data / "CMU-1-Small-Region.svs") as r:
+def test_tissue_on_real_skin_covers_tissue_not_glass(real_data):
+    with open_slide(real_data / "CMU-1-Small-Region.svs") as r:
         mask, thumb = detect_tissue(r)
     hsv = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)
     stained = (hsv[..., 1] > 40) & (hsv[..., 2] < 230)  # clearly stained pixels
@@ -44,11 +44,11 @@ def test_blank_slide_has_no_tissue(tmp_path):
             detect_tissue(r)
 
 
-def test_user_mask_and_whole_slide(tmp_path, shared_data):
+def test_user_mask_and_whole_slide(tmp_path, real_data):
     mask_img = np.zeros((50, 40), np.uint8)
     mask_img[:25] = 255  # top half, at an arbitrary size
     cv2.imwrite(str(tmp_path / "CMU-1-Small-Region_mask.png"), mask_img)
-    with open_slide(shared_data / "CMU-1-Small-Region.svs") as r:
+    with open_slide(real_data / "CMU-1-Small-Region.svs") as r:
         user, _ = detect_tissue(r, TissueConfig(method="mask", mask_dir=str(tmp_path)))
         whole, _ = detect_tissue(r, TissueConfig(method="whole"))
     h = user.mask.shape[0]

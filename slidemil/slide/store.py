@@ -1,9 +1,10 @@
-"""Coords and features h5 files in the layout of DESIGN.md (loadable by CLAM and TRIDENT loaders).
+"""Coords and features h5 files (loadable by CLAM and TRIDENT loaders); the contract is docs/formats.md.
 
 Layout: dataset ``coords`` int64 (N, 2) with the tiling attributes, optional dataset ``features``
 float32 (N, D) with ``encoder`` and ``name``, root attribute ``slidemil_schema``. Both are chunked
 by several hundred rows. Files are written to a temporary name and renamed; reading validates and
-turns a truncated or foreign file into a ``StoreError`` that says what to do.
+turns a truncated or foreign file into a ``StoreError`` that says what to do. :func:`check_h5`
+lists every way a file departs from the contract (``slidemil check``).
 """
 
 from __future__ import annotations
@@ -134,6 +135,79 @@ def read_h5(path: str | Path, load_features: bool = True) -> FeatureBag:
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise StoreError(f"{path}: unreadable h5 file ({exc}); it is truncated or corrupt: delete it and "
                          "re-run the step that wrote it") from exc
+
+
+REQUIRED_COORD_ATTRS = tuple(f.name for f in dataclasses.fields(CoordsAttrs) if f.name != "stride_level0")
+REQUIRED_FEATURE_ATTRS = ("encoder", "name")
+MIN_CHUNK_ROWS = 64
+
+
+def check_h5(path: str | Path) -> list[str]:
+    """Every way ``path`` departs from the coords/features contract (docs/formats.md); [] when it holds.
+
+    Checks dtypes and shapes, the attributes CLAM- and TRIDENT-style loaders read, chunking, the schema
+    attribute, finite features, and tiles inside the slide. Never raises for a bad file: an unreadable
+    file is one problem.
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return _coords_problems(f, path) + _features_problems(f)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        return [f"unreadable h5 file ({exc}): truncated or not HDF5; delete it and re-run the step that wrote it"]
+
+
+def _coords_problems(f: h5py.File, path: Path) -> list[str]:
+    if "coords" not in f:
+        return ["no 'coords' dataset: not a coords/features file"]
+    c = f["coords"]
+    problems = []
+    if c.dtype != np.int64 or c.ndim != 2 or c.shape[1] != 2:
+        problems.append(f"coords is {c.dtype} {c.shape}, expected int64 (N, 2)")
+    missing = [a for a in REQUIRED_COORD_ATTRS if a not in c.attrs]
+    if missing:
+        problems.append(f"coords lack attribute(s) {missing}")
+    if c.shape[0] >= MIN_CHUNK_ROWS and (not c.chunks or c.chunks[0] < MIN_CHUNK_ROWS):
+        problems.append(f"coords chunked by {c.chunks[0] if c.chunks else 'none'} rows; use several hundred")
+    if "slidemil_schema" not in f.attrs:
+        problems.append("root lacks attribute 'slidemil_schema'")
+    elif int(f.attrs["slidemil_schema"]) != SCHEMA_VERSION:
+        problems.append(f"slidemil_schema {f.attrs['slidemil_schema']} is not {SCHEMA_VERSION}")
+    if missing or problems or c.shape[0] == 0:
+        return problems
+    try:
+        attrs = CoordsAttrs.from_h5(c.attrs, path)
+    except (StoreError, TypeError, ValueError) as exc:
+        return [f"coords attributes do not parse: {exc}"]
+    xy = np.asarray(c[()])
+    size = attrs.patch_size_level0
+    outside = (xy < 0).any(axis=1) | (xy[:, 0] + size > attrs.level0_width) | (xy[:, 1] + size > attrs.level0_height)
+    if outside.any():
+        problems.append(f"{int(outside.sum())} tile(s) reach outside the {attrs.level0_width} x {attrs.level0_height} "
+                        f"slide (first at {xy[outside][0].tolist()})")
+    if len(np.unique(xy, axis=0)) != len(xy):
+        problems.append("coords hold duplicate tiles")
+    return problems
+
+
+def _features_problems(f: h5py.File) -> list[str]:
+    if "features" not in f:
+        return []
+    x = f["features"]
+    n = f["coords"].shape[0] if "coords" in f else None
+    problems = []
+    if x.dtype != np.float32 or x.ndim != 2 or x.shape[0] != n:
+        problems.append(f"features is {x.dtype} {x.shape}, expected float32 ({n}, D)")
+    missing = [a for a in REQUIRED_FEATURE_ATTRS if a not in x.attrs]
+    if missing:
+        problems.append(f"features lack attribute(s) {missing}")
+    if x.shape[0] >= MIN_CHUNK_ROWS and (not x.chunks or x.chunks[0] < MIN_CHUNK_ROWS):
+        problems.append(f"features chunked by {x.chunks[0] if x.chunks else 'none'} rows; use several hundred")
+    if not problems and x.size:
+        bad = sum(int((~np.isfinite(x[i:i + CHUNK_ROWS])).any(axis=1).sum()) for i in range(0, x.shape[0], CHUNK_ROWS))
+        if bad:
+            problems.append(f"{bad} feature row(s) hold NaN or infinity")
+    return problems
 
 
 def is_complete(path: str | Path, need_features: bool = False) -> bool:
