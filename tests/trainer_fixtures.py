@@ -18,7 +18,7 @@ from slidemil.config import save_config
 from slidemil.slide.store import CoordsAttrs, write_h5
 from slidemil.slide.tiling import TilingConfig
 
-DIM = 16
+DIM = 96  # the width of the test_resnet backbone whose card the cohorts record
 
 
 def coords_attrs(slide_id: str) -> CoordsAttrs:

@@ -117,32 +117,26 @@ def load_source(checkpoint: str | Path) -> ExportSource:
             names do not fit the head.
         CheckpointError, WeightsError: from the checkpoint reader.
     """
-    from slidemil.trainer.checkpoint import (
-        checkpoint_base,
-        load_checkpoint_backbone,
-        load_head,
-        read_checkpoint_meta,
-    )
+    from slidemil.trainer.checkpoint import load_checkpoint_backbone, load_head, read_checkpoint
 
-    checkpoint = checkpoint_base(checkpoint)
-    meta = read_checkpoint_meta(checkpoint)
-    recorded = BackboneCard.from_dict(meta["backbone_card"])
+    record = read_checkpoint(checkpoint)
+    checkpoint, meta = record.base, record.raw
+    recorded = record.require_backbone()
+    tiling = record.require_tiling()
     folder_card = checkpoint.parent / BACKBONE_FOLDER / CARD_FILE
-    if meta.get("backbone_weights") != "inside" and folder_card.is_file():
+    if record.backbone_weights != "inside" and folder_card.is_file():
         _same_backbone(json.loads(folder_card.read_text()).get("weights_sha256"), recorded, str(folder_card))
     backbone, card = load_checkpoint_backbone(checkpoint)
     _same_backbone(state_dict_sha256(backbone), recorded, f"the backbone weights loaded for {checkpoint.name}")
     head, _ = load_head(checkpoint)
-    head_config = HeadConfig.from_dict(meta["head_config"])
-    class_names = tuple(str(c) for c in meta["class_names"])
-    if len(class_names) != head_config.n_classes:
-        raise ExportError(f"{checkpoint.name} names {len(class_names)} classes {list(class_names)} but its head "
-                          f"has {head_config.n_classes} outputs")
-    provenance = {"checkpoint": checkpoint.name, "mode": meta.get("mode"), "epoch": meta.get("epoch"),
-                  "metrics": meta.get("metrics"), "backbone_weights": meta.get("backbone_weights"),
+    if record.head_config.in_dim != card.feature_dim:
+        raise ExportError(f"{checkpoint.name}: the head takes {record.head_config.in_dim}-d features but the backbone "
+                          f"it records ({card.name}) gives {card.feature_dim}-d ones; the features it was trained on "
+                          "came from another backbone: extract them with `slidemil extract` and train again")
+    provenance = {"checkpoint": checkpoint.name, "mode": record.mode, "epoch": record.epoch,
+                  "metrics": meta.get("metrics"), "backbone_weights": record.backbone_weights,
                   "checkpoint_files": meta.get("files"), "trained_with": meta.get("slidemil_version")}
-    return ExportSource(backbone.eval(), card, head.eval(), head_config, class_names,
-                        config.from_dict(TilingConfig, meta["tiling"]), provenance)
+    return ExportSource(backbone.eval(), card, head.eval(), record.head_config, record.class_names, tiling, provenance)
 
 
 def _same_backbone(found: str | None, recorded: BackboneCard, where: str) -> None:

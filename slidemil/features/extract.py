@@ -175,7 +175,11 @@ def load_tiling(features_dir: str | Path) -> TilingConfig:
     if not path.is_file():
         log.warning("%s: no tiling_config.json; assuming default tiling settings", features_dir)
         return TilingConfig()
-    return from_dict(TilingConfig, json.loads(path.read_text())["config"])
+    try:
+        return from_dict(TilingConfig, json.loads(path.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a tiling record ({exc}); re-run `slidemil tile` (or `slidemil extract "
+                          "--tile`) to write it again") from exc
 
 
 def _has_coords(coords_dir: Path, slide_id: str) -> bool:

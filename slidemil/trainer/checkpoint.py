@@ -29,6 +29,7 @@ import shutil
 import signal
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slidemil import __version__
+from slidemil import __version__, config
 from slidemil.atomic import atomic_path, write_json
-from slidemil.errors import CheckpointError, WeightsError
+from slidemil.errors import CheckpointError, ConfigError, WeightsError
 from slidemil.models.backbones import (
     CARD_FILE,
     WEIGHTS_FILE,
@@ -52,6 +53,7 @@ from slidemil.models.backbones import (
     unshared,
 )
 from slidemil.models.mil import AttentionMIL, HeadConfig, create_head
+from slidemil.slide.tiling import TilingConfig
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,88 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A checkpoint's JSON record, read once and checked: every field typed, or a CheckpointError.
+
+    ``backbone_card`` and ``tiling`` are None when the features the head was trained on did not
+    record them (features written by another tool); :meth:`require_backbone` and
+    :meth:`require_tiling` say what to do where a step needs them. ``raw`` is the JSON as read.
+    """
+
+    base: Path
+    mode: str
+    epoch: int
+    class_names: tuple[str, ...]
+    head_config: HeadConfig
+    backbone_card: BackboneCard | None
+    backbone_weights: str | None
+    tiling: TilingConfig | None
+    raw: dict[str, Any]
+
+    @property
+    def json_path(self) -> Path:
+        return self.base.with_name(self.base.name + ".json")
+
+    def require_backbone(self) -> BackboneCard:
+        """The backbone card, or a CheckpointError saying how to get a checkpoint that has one."""
+        if self.backbone_card is None:
+            raise CheckpointError(
+                f"checkpoint {self.base} records no backbone: its head was trained on features whose folder has "
+                "no backbone/backbone_card.json (features not written by `slidemil extract`). A head only works "
+                "with the backbone its features came from: extract features with `slidemil extract`, train on "
+                "that folder (--features FEAT, or its h5 folder FEAT/features) and export again")
+        return self.backbone_card
+
+    def require_tiling(self) -> TilingConfig:
+        """The tiling the features came from, or a CheckpointError saying how to record it."""
+        if self.tiling is None:
+            raise CheckpointError(
+                f"checkpoint {self.base} records no tiling: its features folder had no tiling_config.json. "
+                "Tile with `slidemil tile` and extract with `slidemil extract --coords TILES`, then train again")
+        return self.tiling
+
+
+def read_checkpoint(path: str | Path) -> CheckpointRecord:
+    """The checked, typed record of checkpoint ``path`` (the JSON beside its weights).
+
+    Raises:
+        CheckpointError: missing or unreadable JSON, unknown schema, missing fields, or a field that does
+            not parse (class names, head config, backbone card, tiling), each naming the fix.
+    """
+    base = checkpoint_base(path)
+    meta = read_checkpoint_meta(base)
+    where = base.with_name(base.name + ".json")
+
+    def parsed(name: str, parse: Any) -> Any:
+        value = meta[name]
+        if value is None:
+            return None
+        try:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"expected a JSON object, found {type(value).__name__}")
+            return parse(value)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: field {name!r} is malformed ({exc}); the record was edited or written "
+                                  "by another tool: use another checkpoint or train again") from exc
+
+    head_config = parsed("head_config", HeadConfig.from_dict)
+    if head_config is None:
+        raise CheckpointError(f"{where}: field 'head_config' is empty; use another checkpoint or train again")
+    names = meta["class_names"]
+    if not isinstance(names, list) or len(names) != head_config.n_classes:
+        raise CheckpointError(f"{where}: class_names {names!r} do not fit the head's {head_config.n_classes} "
+                              "outputs; use another checkpoint or train again")
+    if meta["mode"] not in MODES or meta["backbone_weights"] not in (*BACKBONE_WEIGHTS, None):
+        raise CheckpointError(f"{where}: mode {meta['mode']!r} / backbone_weights {meta['backbone_weights']!r} "
+                              f"are not among {MODES} / {BACKBONE_WEIGHTS}; use another checkpoint or train again")
+    return CheckpointRecord(
+        base=base, mode=str(meta["mode"]), epoch=int(meta["epoch"]), class_names=tuple(str(c) for c in names),
+        head_config=head_config, backbone_card=parsed("backbone_card", BackboneCard.from_dict),
+        backbone_weights=meta["backbone_weights"],
+        tiling=parsed("tiling", lambda d: config.from_dict(TilingConfig, d)), raw=meta)
+
+
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and record of a checkpoint, with the weights' sha256 checked against the record."""
     base = checkpoint_base(path)
@@ -183,8 +267,9 @@ def _check_file(path: Path, expected: str | None, base: Path) -> None:
 
 def load_head(path: str | Path) -> tuple[AttentionMIL, dict[str, Any]]:
     """The trained attention-MIL head of a checkpoint (eval mode) and its record."""
+    record = read_checkpoint(path)
     state, meta = load_weights(path)
-    head = create_head(HeadConfig.from_dict(meta["head_config"]))
+    head = create_head(record.head_config)
     head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
     try:
         head.load_state_dict(head_state, strict=True)
@@ -202,12 +287,10 @@ def load_checkpoint_backbone(path: str | Path) -> tuple[nn.Module, BackboneCard]
     Raises:
         CheckpointError: no backbone recorded, or weights that are not the ones the card names.
     """
-    base = checkpoint_base(path)
-    meta = read_checkpoint_meta(base)
-    if not meta.get("backbone_card"):
-        raise CheckpointError(f"checkpoint {base} records no backbone (its features folder had no backbone card)")
-    card = BackboneCard.from_dict(meta["backbone_card"])
-    where = meta["backbone_weights"]
+    record = read_checkpoint(path)
+    base = record.base
+    card = record.require_backbone()
+    where = record.backbone_weights
     try:
         if where == "inside":
             state, _ = load_weights(base)

@@ -224,6 +224,28 @@ def build_head(cfg: TrainConfig, in_dim: int, n_classes: int) -> AttentionMIL:
                                   attention_dim=m.attention_dim, dropout=m.dropout))
 
 
+@dataclass(frozen=True)
+class FeaturesFolder:
+    """Where a features run keeps its records (``backbone/``, ``tiling_config.json``) and its h5 files."""
+
+    records: Path
+    h5: Path
+
+
+def resolve_features_folder(path: Path) -> FeaturesFolder:
+    """The features folder of ``path``: the folder ``slidemil extract`` wrote, or its h5 folder.
+
+    Users of CLAM point at ``h5_files/``; given ``FEAT/features`` (or any folder of h5 files without
+    records of its own), the backbone card and tiling are read from the folder beside it.
+    """
+    has_records = (path / "backbone").is_dir() or (path / "tiling_config.json").is_file()
+    parent = path.parent
+    if not has_records and ((parent / "backbone" / CARD_FILE).is_file() or (parent / "tiling_config.json").is_file()):
+        log.info("%s is an h5 folder: reading the backbone and tiling records of %s", path, parent)
+        return FeaturesFolder(records=parent, h5=path)
+    return FeaturesFolder(records=path, h5=path)
+
+
 def read_features_card(features_dir: Path) -> tuple[BackboneCard | None, str | None]:
     """The backbone card of a features folder and where its weights are ("backbone/" or "refetch")."""
     card_path = features_dir / "backbone" / CARD_FILE
@@ -257,13 +279,17 @@ class FeaturesMode:
         d = cfg.data
         if not d.metadata or not d.features:
             raise ConfigError("features mode needs --metadata CSV and --features DIR")
-        features_dir = Path(d.features)
-        if not features_dir.is_dir():
-            raise ConfigError(f"features folder {features_dir} does not exist")
-        card, weights = read_features_card(features_dir)
+        if not Path(d.features).is_dir():
+            raise ConfigError(f"features folder {d.features} does not exist")
+        folder = resolve_features_folder(Path(d.features))
+        card, weights = read_features_card(folder.records)
         labels, problems = read_label_table(d.metadata, d.class_names)
-        index = check_feature_files(labels.table.index.tolist(), features_dir, d.skip_missing,
+        index = check_feature_files(labels.table.index.tolist(), folder.h5, d.skip_missing,
                                     card.weights_sha256 if card else None, problems)
+        if card is not None and index.feature_dim and index.feature_dim != card.feature_dim:
+            problems.append(f"the feature files are {index.feature_dim}-d but {folder.records}/backbone records "
+                            f"{card.name!r} with {card.feature_dim}-d features; the h5 files come from another "
+                            "backbone: extract them again into a new folder")
         kept = labels.table.loc[[s for s in labels.table.index if s in index.paths or not d.skip_missing]]
         labels = LabelTable(kept, labels.class_names)
         check_classes(labels, problems)
@@ -273,10 +299,11 @@ class FeaturesMode:
                  len(kept), len(labels.class_names), list(labels.class_names), index.feature_dim,
                  n_tiles.min(), n_tiles.max(), int(np.median(n_tiles)))
         return Cohort(labels, index.paths, index.feature_dim,
-                      extra={"backbone_card": card, "backbone_weights": weights, "tiling": tiling_record(features_dir)})
+                      extra={"backbone_card": card, "backbone_weights": weights, "features_folder": folder,
+                             "tiling": tiling_record(folder.records)})
 
     def build_task(self, cfg: TrainConfig, cohort: Cohort, split: pd.Series) -> TrainingTask:
-        features_dir = Path(cfg.data.features)
+        features_dir = cohort.extra["features_folder"].records
         card, weights = cohort.extra["backbone_card"], cohort.extra["backbone_weights"]
         head = build_head(cfg, cohort.in_dim, len(cohort.class_names))
         datasets = {}
