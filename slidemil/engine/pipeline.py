@@ -133,7 +133,7 @@ class TilePipeline:
         self._stop = threading.Event()
 
     def _plan_from_slide(self, entry: SlideEntry) -> TilePlan:
-        with open_slide(entry.path, mpp=entry.mpp) as reader:
+        with open_slide(entry.path, mpp=entry.mpp, slide_id=entry.slide_id) as reader:
             return plan_tiles(reader, self.tiling)
 
     def __enter__(self) -> TilePipeline:

@@ -76,6 +76,6 @@ def _write_files(result: SlideResult, out: Path, cfg: Any, class_names: list[str
         write_geojson(slide_paths(out, slide_id)["geojson"], fc)
     if cfg.top_k > 0:
         top = topk_indices(result.attention, cfg.top_k)
-        with open_slide(stream.entry.path, mpp=stream.entry.mpp) as reader:
+        with open_slide(stream.entry.path, mpp=stream.entry.mpp, slide_id=stream.entry.slide_id) as reader:
             tiles = reader.read_tiles(grid.coords[top], grid.patch_size_level0, tiling.tile.patch_size)
         write_topk(out, slide_id, tiles, grid.coords[top], result.attention[top])

@@ -44,13 +44,15 @@ class SlideReader(ABC):
     Args:
         path: slide file.
         mpp: microns per pixel at level 0 given by the user; overrides the file's value.
+        slide_id: the slide's id when it is not the file's name (a DICOM series is named after its
+            folder); default ``slide_id_of(path)``.
     """
 
     reader_name = "abstract"
 
-    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+    def __init__(self, path: str | Path, mpp: float | None = None, slide_id: str | None = None) -> None:
         self.path = Path(path)
-        self.slide_id = slide_id_of(self.path)
+        self.slide_id = slide_id or slide_id_of(self.path)
         self._mpp_override = mpp
         if not self.path.is_file():
             raise SlideOpenError(f"{self.path}: no such file")
@@ -90,10 +92,10 @@ class SlideReader(ABC):
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "mpp": self._mpp_override}
+        return {"path": self.path, "mpp": self._mpp_override, "slide_id": self.slide_id}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["mpp"])  # type: ignore[misc]
+        self.__init__(state["path"], state["mpp"], state.get("slide_id"))  # type: ignore[misc]
 
     # -- geometry -----------------------------------------------------------------------
     @property
@@ -212,8 +214,11 @@ def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
+def open_slide(path: str | Path, mpp: float | None = None, slide_id: str | None = None) -> SlideReader:
     """Open ``path`` with the first registered reader that recognises it.
+
+    ``slide_id`` names the slide (``reader.slide_id``) when it is not the file's name, as for a DICOM
+    series found by ``load_slides``: pass ``entry.slide_id``.
 
     Raises:
         SlideOpenError: when no reader recognises the file or the recognising reader fails.
@@ -225,7 +230,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
     from slidemil.slide import readers  # noqa: F401
     for cls in READERS.values():
         if cls.can_open(path):
-            return cls(path, mpp=mpp)
+            return cls(path, mpp=mpp, slide_id=slide_id)
     raise SlideOpenError(
         f"{path.name}: not a slide format slidemil can read (OpenSlide formats: SVS, NDPI, SCN, MRXS, "
         "BIF, tiled TIFF, DICOM; plain PNG/JPEG/TIFF images)")
