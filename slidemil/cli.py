@@ -49,7 +49,10 @@ def add_tiling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-size", type=int, help="tile size in pixels at the target mpp (256)")
     g.add_argument("--mpp", type=float, help="target microns per pixel (0.5 = 20x)")
     g.add_argument("--overlap", type=int, help="overlap of neighbouring tiles in target pixels (0)")
-    g.add_argument("--min-tissue", type=float, help="minimum tissue fraction of a tile (0.5)")
+    g.add_argument("--min-tissue", type=float,
+                   help="minimum tissue fraction of a tile (0.25; a tissue fragment below it still gets its tiles)")
+    g.add_argument("--allow-upsample", action="store_true", default=None,
+                   help="tile slides scanned coarser than --mpp (their tiles are blown up; refused by default)")
     g.add_argument("--mask-dir", help="folder of user tissue masks <slide_id>_mask.png (any size)")
     g.add_argument("--tissue", choices=["otsu", "whole", "mask"], help="tissue detection method (otsu)")
     g.add_argument("--slide-mpp", type=float, help="level-0 mpp for every slide (overrides the files)")
@@ -57,7 +60,8 @@ def add_tiling_options(p: argparse.ArgumentParser) -> None:
 
 def tiling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"tile.patch_size": args.patch_size, "tile.mpp": args.mpp, "tile.overlap": args.overlap,
-            "tile.min_tissue": args.min_tissue, "tissue.mask_dir": args.mask_dir, "tissue.method": args.tissue}
+            "tile.min_tissue": args.min_tissue, "tile.allow_upsample": args.allow_upsample,
+            "tissue.mask_dir": args.mask_dir, "tissue.method": args.tissue}
 
 
 def add_reading_options(p: argparse.ArgumentParser) -> None:

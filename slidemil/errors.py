@@ -19,6 +19,10 @@ class MissingMppError(SlidemilError):
     """A slide carries no microns-per-pixel and none was given."""
 
 
+class ResolutionError(SlidemilError):
+    """A slide's resolution does not fit the tiling (scanned coarser than the target mpp)."""
+
+
 class NoTissueError(SlidemilError):
     """Tissue detection found nothing to tile."""
 

@@ -92,7 +92,7 @@ def test_manifest_carries_what_the_engine_needs(exported):
     meta = json.loads(ckpt.with_suffix(".json").read_text())
     assert m["schema_version"] == SCHEMA_VERSION == 1
     assert m["class_names"] == CLASSES
-    assert m["tile"] == {"patch_size": TILE_PX, "mpp": 0.5, "overlap": 0, "min_tissue": 0.25}
+    assert m["tile"] == {"patch_size": TILE_PX, "mpp": 0.5, "overlap": 0, "min_tissue": 0.25, "allow_upsample": False}
     assert m["tissue"] == meta["tiling"]["tissue"]
     for key in ("name", "timm_name", "feature_dim", "input_size", "weights_sha256", "weights_source"):
         assert m["backbone"][key] == meta["backbone_card"][key]

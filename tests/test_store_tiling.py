@@ -72,11 +72,13 @@ def test_tile_command_on_a_folder_with_bad_slides(tmp_path, synth_cohort, real_d
         assert len(bag.coords) == good.loc[slide_id, "n_tiles"]
     assert (out / "tiling_config.json").is_file()
     assert main(["check", str(out / "coords")]) == 0  # the h5 contract of docs/formats.md
-    # n_tiles follows the tissue area: 256 px tiles at 0.5 mpp cover 128 um x 128 um
+    # n_tiles follows the tissue area: 256 px tiles at 0.5 mpp cover 128 um x 128 um; the tiles cover
+    # `tissue_coverage` of the tissue, and each holds at least min_tissue (0.25) of tissue
     for slide_id, row in good.drop("CMU-1-Small-Region").iterrows():
         bag = read_h5(out / "coords" / f"{slide_id}.h5")
         tissue_um2 = row.tissue_fraction * bag.attrs.level0_width * bag.attrs.level0_height * 0.25
-        assert 0.7 < row.n_tiles * 128 * 128 / tissue_um2 < 1.1
+        assert row.tissue_coverage * tissue_um2 <= row.n_tiles * 128 * 128 <= tissue_um2 / 0.25
+        assert row.tissue_coverage >= 0.9  # small slides (2048 px): edges weigh more than on real ones
     # a re-run skips finished slides and retries the failed ones
     before = (out / "coords" / f"{table.slide_id[0]}.h5").stat().st_mtime_ns
     assert main(["tile", str(slides), "--out", str(out)]) == 0
@@ -100,3 +102,20 @@ def test_temporaries_of_a_killed_write_are_removed_and_only_those(tmp_path):
         p.write_bytes(b"x")
     assert remove_temporaries_of(tmp_path / "s1.h5") == 2
     assert not any(p.exists() for p in stale) and all(p.exists() for p in other)
+
+
+def test_a_low_resolution_dicom_is_refused_unless_tiled_at_its_own_resolution(tmp_path, real_data, caplog):
+    """bone-marrow-jpeg.dcm is scanned at 16.78 um/px: at the default 0.5 um/px every tile would be
+    8 slide pixels blown up 33x. The row names the slide's mpp, the target and the fixes."""
+    dcm = real_data / "bone-marrow-jpeg.dcm"
+    assert main(["tile", str(dcm), "--out", str(tmp_path / "default")]) == 0
+    row = pd.read_csv(tmp_path / "default" / "tiling.csv").iloc[0]
+    assert row.status == "error" and "16.78 um/px" in row.error and "0.5 um/px" in row.error
+    assert "--mpp 16.78" in row.error and "--allow-upsample" in row.error
+    assert not (tmp_path / "default" / "coords" / "bone-marrow-jpeg.h5").exists()
+    assert main(["tile", str(dcm), "--out", str(tmp_path / "native"), "--mpp", "16.78", "--patch-size", "64"]) == 0
+    native = read_h5(tmp_path / "native" / "coords" / "bone-marrow-jpeg.h5")
+    assert native.attrs.patch_size_level0 == 64 and 20 <= len(native.coords) <= 160
+    assert main(["tile", str(dcm), "--out", str(tmp_path / "forced"), "--allow-upsample"]) == 0
+    forced = read_h5(tmp_path / "forced" / "coords" / "bone-marrow-jpeg.h5")
+    assert forced.attrs.patch_size_level0 == 8 and len(forced.coords) > 1000

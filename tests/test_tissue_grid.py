@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from slidemil.errors import ConfigError, NoTissueError
-from slidemil.slide.grid import TileSpec, make_grid, tissue_fractions
+from slidemil.errors import ConfigError, NoTissueError, ResolutionError
+from slidemil.slide.grid import TileSpec, covered_by_tiles, make_grid, tissue_fractions
 from slidemil.slide.reader import open_slide
 from slidemil.slide.tissue import TissueConfig, TissueMask, detect_tissue, segment_tissue
 
@@ -101,3 +101,55 @@ def test_tile_spec_rejects_bad_values():
         TileSpec(overlap=256)
     with pytest.raises(ConfigError):
         TileSpec(min_tissue=1.5)
+
+
+def test_a_coarser_slide_is_refused_with_its_mpp_the_target_and_the_fix():
+    tissue = TissueMask(mask=np.ones((60, 80), bool), mpp=16.78 * 16, source="test")
+    with pytest.raises(ResolutionError, match=r"16\.78 um/px, coarser than the target 0\.5 um/px.*blown up "
+                                              r"33\.6x.*--mpp 16\.78.*--allow-upsample"):
+        make_grid((1280, 960), 16.78, TileSpec(), tissue)
+    assert len(make_grid((1280, 960), 0.54, TileSpec(), tissue)) > 0  # within the 10% scanners differ by
+    assert len(make_grid((1280, 960), 16.78, TileSpec(mpp=16.0), tissue)) == 15  # 244 slide px per tile
+    assert make_grid((1280, 960), 16.78, TileSpec(allow_upsample=True), tissue).patch_size_level0 == 8
+
+
+def _fragment_mask() -> TissueMask:
+    """A 1024 um square slide at 0.5 um/px with a large tissue region and, apart, a strip 48 um wide
+    (narrower than half a 128 um tile) across three tiles of one column."""
+    mask = np.zeros((256, 256), bool)  # 4 um (8 level-0 px) per mask px
+    mask[20:120, 20:120] = True
+    mask[140:220, 172:184] = True  # level-0 x 1376-1472 (tile column 1280), y 1120-1760
+    return TissueMask(mask=mask, mpp=4.0, source="test")
+
+
+def test_a_fragment_narrower_than_half_a_tile_gets_tiles():
+    tissue = _fragment_mask()
+    strip = np.array([[1280, y] for y in (1024, 1280, 1536)])
+    assert tissue_fractions(tissue, 0.5, strip, 256).max() < 0.5  # no tile of the strip is half tissue
+    grid = make_grid((2048, 2048), 0.5, TileSpec(min_tissue=0.5), tissue)
+    on_strip = grid.coords[grid.coords[:, 1] >= 1024]
+    np.testing.assert_array_equal(on_strip, strip)  # every tile the strip crosses, and no other
+    covered = covered_by_tiles(tissue.mask.shape, tissue.mpp, 0.5, grid.coords, grid.patch_size_level0)
+    assert covered[140:220, 172:184].all()
+
+
+def test_coverage_is_the_share_of_tissue_under_tiles():
+    mask = np.zeros((256, 256), bool)
+    mask[20:150, 20:150] = True  # level-0 160-1200: whole tiles cover 768^2 of 1040^2, more than half
+    tissue = TissueMask(mask=mask, mpp=4.0, source="test")
+    grid = make_grid((2048, 2048), 0.5, TileSpec(min_tissue=1.0), tissue)
+    assert len(grid) == 9 and grid.tissue_coverage == pytest.approx(768**2 / 1040**2)
+    covered = covered_by_tiles(tissue.mask.shape, tissue.mpp, 0.5, grid.coords, grid.patch_size_level0)
+    assert grid.tissue_coverage == pytest.approx((covered & tissue.mask).sum() / tissue.mask.sum())
+    assert make_grid((2048, 2048), 0.5, TileSpec(min_tissue=0.0), tissue).tissue_coverage == 1.0
+
+
+def test_default_tiling_covers_synthetic_tissue_without_glass_tiles(synth_slide):
+    from slidemil.slide.tiling import TilingConfig, plan_tiles
+    path, truth = synth_slide
+    with open_slide(path) as r:
+        plan = plan_tiles(r, TilingConfig())
+    assert plan.grid.tissue_coverage >= 0.95
+    true_tissue = TissueMask(truth.tissue, truth.mask_mpp, "truth")
+    true_share = tissue_fractions(true_tissue, plan.grid.slide_mpp, plan.grid.coords, plan.grid.patch_size_level0)
+    assert true_share.min() >= 0.01  # no tile of glass alone

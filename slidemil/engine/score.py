@@ -50,6 +50,7 @@ class ScoreConfig:
     heatmap_overlap: float = 0.0
     geojson: bool = True
     min_tissue: float | None = None
+    allow_upsample: bool | None = None
     mask_dir: str | None = None
 
 
@@ -57,6 +58,7 @@ def scoring_tiling(models: list[LoadedModel], cfg: ScoreConfig) -> TilingConfig:
     """The first package's tiling with the user's overrides."""
     tiling = models[0].package.tiling
     tile = replace(tiling.tile, min_tissue=cfg.min_tissue) if cfg.min_tissue is not None else tiling.tile
+    tile = replace(tile, allow_upsample=cfg.allow_upsample) if cfg.allow_upsample is not None else tile
     tissue = replace(tiling.tissue, mask_dir=cfg.mask_dir) if cfg.mask_dir else tiling.tissue
     return TilingConfig(tile=tile, tissue=tissue)
 

@@ -27,7 +27,9 @@ from slidemil.slide.tissue import TissueConfig, TissueMask, detect_tissue
 
 log = logging.getLogger(__name__)
 
-TILING_COLUMNS = ["slide_id", "status", "error", "n_tiles", "slide_mpp", "tissue_fraction", "seconds"]
+TILING_COLUMNS = ["slide_id", "status", "error", "n_tiles", "slide_mpp", "tissue_fraction", "tissue_coverage",
+                  "seconds"]
+LOW_COVERAGE = 0.9  # below this share of the detected tissue under tiles, a slide's tiling is warned about
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ def plan_tiles(reader: SlideReader, cfg: TilingConfig) -> TilePlan:
         thumb, mpp = reader.thumbnail(mpp=cfg.tissue.thumb_mpp)
         tissue = TissueMask(mask=np.zeros(thumb.shape[:2], bool), mpp=mpp, source="none")
     grid = make_grid(reader.dimensions, reader.mpp, cfg.tile, tissue)
+    if grid.tissue_coverage < LOW_COVERAGE:
+        log.warning("%s: the tiles cover only %.0f%% of the detected tissue; lower --min-tissue (now %g) or use "
+                    "--overlap so that small fragments get tiles", reader.slide_id, 100 * grid.tissue_coverage,
+                    cfg.tile.min_tissue)
     attrs = CoordsAttrs.for_grid(grid, cfg.tile, reader.slide_id, reader.magnification)
     return TilePlan(tissue=tissue, thumbnail=thumb, grid=grid, attrs=attrs)
 
@@ -92,11 +98,12 @@ def tile_slide(entry: SlideEntry, out_dir: Path, cfg: TilingConfig) -> dict[str,
     """Tile one slide: ``coords/<id>.h5`` and ``masks/<id>.png``; returns its row for tiling.csv."""
     for path in (coords_path(out_dir, entry.slide_id), out_dir / "masks" / f"{entry.slide_id}.png"):
         remove_temporaries_of(path)  # left by a killed run
-    with open_slide(entry.path, mpp=entry.mpp) as reader:
+    with open_slide(entry.path, mpp=entry.mpp, slide_id=entry.slide_id) as reader:
         plan = plan_tiles(reader, cfg)
     write_png(out_dir / "masks" / f"{entry.slide_id}.png", draw_tiling(plan))
     write_h5(coords_path(out_dir, entry.slide_id), plan.grid.coords, plan.attrs)
-    return {"n_tiles": len(plan.grid), "slide_mpp": plan.grid.slide_mpp, "tissue_fraction": round(plan.tissue.fraction, 4)}
+    return {"n_tiles": len(plan.grid), "slide_mpp": plan.grid.slide_mpp, "tissue_fraction": round(plan.tissue.fraction, 4),
+            "tissue_coverage": round(plan.grid.tissue_coverage, 4)}
 
 
 def tile_slides(slides: str | Path, out_dir: str | Path, cfg: TilingConfig = TilingConfig(),
