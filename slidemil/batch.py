@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from slidemil.atomic import atomic_path, file_lock, remove_temporaries_of
 from slidemil.errors import SlidemilError
+from slidemil.processes import worker_context
 from slidemil.slide.table import SlideEntry
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def run_batch(entries: Iterable[SlideEntry], work: Callable[[SlideEntry], dict[s
             batch.record(guarded(work, entry))
             bar.update()
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
             futures = [pool.submit(guarded, work, e) for e in todo]
             for future in as_completed(futures):
                 batch.record(future.result())

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from slidemil.atomic import atomic_path, write_json
 from slidemil.config import config_changes, save_config
 from slidemil.errors import ConfigError
+from slidemil.processes import worker_context
 from slidemil.trainer import checkpoint as ckpt
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.data import BagDataset, EpochSampler, collate_bags
@@ -161,6 +162,10 @@ class Trainer:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_bags,
                           num_workers=workers, persistent_workers=workers > 0,
                           prefetch_factor=self.cfg.data.prefetch if workers > 0 else None,
+                          multiprocessing_context=worker_context() if workers > 0 else None,
+                          # the workers' base seed comes from this generator, not the global RNG: dropout
+                          # then draws the same masks whatever the number of workers
+                          generator=torch.Generator().manual_seed(self.cfg.seed),
                           pin_memory=self.ctx.device.type == "cuda")
 
     def _class_weights(self, train: BagDataset) -> torch.Tensor | None:
