@@ -6,11 +6,14 @@ Run with ``python -m pytest tests/test_slurm_live.py -m slurm`` (deselected by d
 - Slurm itself: a job runs; a failing job shows its error in its output file and a FAILED state.
 - The scripts: ``bash -n``, one shared requeue block, ``sbatch --test-only`` against the controller.
 - Plumbing, with a stand-in ``slidemil`` (``python -m slidemil`` resolves to it through PYTHONPATH):
-  the command lines the array scripts build, shard coverage, the CV summary after the last fold.
+  the command lines the array scripts build, shard coverage, the CV summary after the last fold;
+  arrays whose ids start anywhere or have a step (--array=1-4, 5-11:2) run shards 0..N-1 once each,
+  a list that is not a range (1,3,5,7) is refused by every task, NUM_SHARDS reruns chosen shards.
+  (The index arithmetic itself, without Slurm: tests/test_slurm_scripts.py.)
 - The real commands, scripts unchanged: train.sbatch with 2 CPU ranks (srun + torchrun, c10d
   rendezvous, gloo) matches a direct torchrun run; a requeued training run resumes from its last
-  checkpoint and ends like an uninterrupted one; cv_array writes every fold and the summary;
-  extract_array and score_array shards together cover every slide once.
+  checkpoint and ends like an uninterrupted one; cv_array as --array=3-5 writes every fold and the
+  summary; extract_array (--array=0-1) and score_array (--array=1-4) shards together cover every slide once.
 - Requeue mechanics: the scripts' signal-trap block (copied verbatim from train.sbatch) around a
   stand-in trainer, stopped by ``scontrol requeue`` (TERM, as a preemption) and by USR1 (what
   ``--signal=B:USR1@120`` sends before the time limit): each rerun continues from the checkpoint.
@@ -168,16 +171,20 @@ def _arg(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
-def test_cv_array_plumbing_summary_after_the_last_fold(live_slurm, tmp_path, fake_slidemil):
+@pytest.mark.parametrize("array,ids", [("0-2", [0, 1, 2]), ("2-6:2", [2, 4, 6])])
+def test_cv_array_plumbing_summary_after_the_last_fold(live_slurm, tmp_path, fake_slidemil, array, ids):
     env, calls = fake_slidemil
     out = tmp_path / "cv"
     env.update(METADATA="/data/m.csv", FEATURES="/data/f", OUT=str(out), FOLDS="3")
-    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", "--array=0-2", "--cpus-per-task=1",
+    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", f"--array={array}", "--cpus-per-task=1",
                             f"--output={tmp_path}/cv-%A_%a.out", str(REPO / "slurm" / "cv_array.sbatch")],
                            wait=True, env=env, cwd=tmp_path, timeout=240)
     assert rc == 0, "\n".join(p.read_text() for p in tmp_path.glob("cv-*.out"))
-    folds = sorted(_arg(c["argv"], "--fold") for c in calls("train"))
-    assert folds == ["0", "1", "2"]
+    # task ids[i] runs fold i, and logs it
+    assert {c["env"]["SLURM_ARRAY_TASK_ID"]: _arg(c["argv"], "--fold") for c in calls("train")} == \
+        {str(task): str(fold) for fold, task in enumerate(ids)}
+    for fold, task in enumerate(ids):
+        assert f"array task {task}: fold {fold} of 3" in (tmp_path / f"cv-{job_id}_{task}.out").read_text()
     for c in calls("train"):
         assert _arg(c["argv"], "--folds") == "3" and "--resume" in c["argv"]
         assert _arg(c["argv"], "--out") == str(out)
@@ -222,6 +229,41 @@ def test_array_shards_cover_every_index_once(live_slurm, tmp_path, fake_slidemil
     rc, job_id, _ = sbatch([f"--chdir={tmp_path}", "--array=2", f"--output={tmp_path}/b-%A_%a.out",
                             str(REPO / "slurm" / script)], wait=True, env=env, cwd=tmp_path, timeout=120)
     assert rc == 2 and "NUM_SHARDS" in (tmp_path / f"b-{job_id}_2.out").read_text()
+    assert len(calls(command)) == 4
+    # with NUM_SHARDS the id is the 0-based shard index
+    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", "--array=2", f"--output={tmp_path}/c-%A_%a.out",
+                            str(REPO / "slurm" / script)], wait=True, env={**env, "NUM_SHARDS": "4"},
+                           cwd=tmp_path, timeout=120)
+    assert rc == 0, (tmp_path / f"c-{job_id}_2.out").read_text()
+    assert sorted(_arg(c["argv"], "--shard") for c in calls(command)) == ["0/4", "1/4", "2/4", "2/4", "3/4"]
+
+
+@pytest.mark.parametrize("array,ids", [("1-4", [1, 2, 3, 4]), ("5-11:2", [5, 7, 9, 11])])
+def test_array_ids_from_any_first_id_run_shards_0_to_n(live_slurm, tmp_path, fake_slidemil, array, ids):
+    env, calls = fake_slidemil
+    env.update(MODEL="/models/pkg", SLIDES="/data/slides", OUT=str(tmp_path / "out"))
+    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", f"--array={array}", "--cpus-per-task=1",
+                            f"--output={tmp_path}/a-%A_%a.out", str(REPO / "slurm" / "score_array.sbatch")],
+                           wait=True, env=env, cwd=tmp_path, timeout=240)
+    assert rc == 0, "\n".join(p.read_text() for p in tmp_path.glob("a-*.out"))
+    # every shard exactly once, task ids[i] running shard i/4
+    assert {c["env"]["SLURM_ARRAY_TASK_ID"]: _arg(c["argv"], "--shard") for c in calls("score")} == \
+        {str(task): f"{shard}/4" for shard, task in enumerate(ids)}
+    assert len(calls("score")) == 4
+    for shard, task in enumerate(ids):
+        assert f"array task {task}: shard {shard}/4" in (tmp_path / f"a-{job_id}_{task}.out").read_text()
+
+
+def test_array_list_that_is_not_a_range_is_refused_by_every_task(live_slurm, tmp_path, fake_slidemil):
+    env, calls = fake_slidemil
+    env.update(MODEL="/models/pkg", SLIDES="/data/slides", OUT=str(tmp_path / "out"))
+    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", "--array=1,3,5,7", "--cpus-per-task=1",
+                            f"--output={tmp_path}/a-%A_%a.out", str(REPO / "slurm" / "score_array.sbatch")],
+                           wait=True, env=env, cwd=tmp_path, timeout=240)
+    assert rc == 2 and not calls("score")
+    for task in (1, 3, 5, 7):
+        log = (tmp_path / f"a-{job_id}_{task}.out").read_text()
+        assert "are a list" in log and "--array=1-7:2" in log and "--array=0-3 or --array=1-4" in log, log
 
 
 # ---- slidemil extract under extract_array.sbatch -------------------------------------------
@@ -364,16 +406,19 @@ def test_train_sbatch_requeued_resumes_and_matches_an_uninterrupted_run(live_slu
     _same_training(out, direct_ddp_run)
 
 
-def test_cv_array_writes_one_fold_per_task_and_the_summary(live_slurm, feature_cohort, tmp_path):
+def test_cv_array_from_id_3_writes_one_fold_per_task_and_the_summary(live_slurm, feature_cohort, tmp_path):
     import pandas as pd
 
     out = tmp_path / "cv"
     env = _train_env(feature_cohort, out, FOLDS="3", TRAIN_ARGS="--epochs 3 --seed 1")
-    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", "--array=0-2", "--cpus-per-task=1",
+    # ids 3-5, none of them a fold index: task 3 runs fold 0, task 5 fold 2
+    rc, job_id, _ = sbatch([f"--chdir={tmp_path}", "--array=3-5", "--cpus-per-task=1",
                             f"--output={tmp_path}/cv-%A_%a.out", str(REPO / "slurm" / "cv_array.sbatch")],
                            wait=True, env=env, cwd=tmp_path, timeout=300)
     logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("cv-*.out")))
     assert rc == 0, logs[-3000:]
+    for task in (3, 4, 5):
+        assert f"array task {task}: fold {task - 3} of 3" in (tmp_path / f"cv-{job_id}_{task}.out").read_text()
     for fold in range(3):
         assert (out / f"fold_{fold}" / "checkpoint_best.safetensors").exists()
         assert (out / f"fold_{fold}" / "test_metrics.json").exists()
@@ -387,8 +432,8 @@ def test_cv_array_writes_one_fold_per_task_and_the_summary(live_slurm, feature_c
 
 @pytest.fixture(scope="module")
 def score_array_run(live_slurm, synth_cohort, extract_array_run, tmp_path_factory):
-    """Train and export a package on the extract array's features, then score the cohort's slides with
-    slurm/score_array.sbatch as a 2-task array."""
+    """Train and export a package on the extract array's features, then score the cohort's 4 slides with
+    slurm/score_array.sbatch as the array 1-4 (ids from 1: shards 0/4 to 3/4, one slide each)."""
     rc, features, slide_ids, logs = extract_array_run
     if rc != 0:
         pytest.skip("the extract array failed; see test_extract_array_writes_every_slide_once")
@@ -405,16 +450,18 @@ def score_array_run(live_slurm, synth_cohort, extract_array_run, tmp_path_factor
     env.update(PYTHON=sys.executable, MODEL=str(work / "package"), SLIDES=str(cohort / "slides"),
                OUT=str(work / "scores"), SCORE_ARGS="--device cpu --top-k 2")
     t0 = time.monotonic()
-    rc, job_id, _ = sbatch([f"--chdir={work}", "--array=0-1", "--cpus-per-task=1",
+    rc, job_id, _ = sbatch([f"--chdir={work}", "--array=1-4", "--cpus-per-task=1",
                             f"--output={work}/score-%A_%a.out", str(REPO / "slurm" / "score_array.sbatch")],
                            wait=True, env=env, cwd=work, timeout=600)
-    logs = "\n".join(p.read_text() for p in sorted(work.glob("score-*.out")))
+    task_logs = {task: p.read_text() if (p := work / f"score-{job_id}_{task}.out").exists() else ""
+                 for task in range(1, 5)}
+    logs = "\n".join(task_logs.values())
     print(f"score array: job {job_id} rc={rc} in {time.monotonic() - t0:.1f} s")
-    return rc, work / "scores", slide_ids, logs
+    return rc, work / "scores", slide_ids, logs, task_logs
 
 
 def test_score_array_scores_every_slide_once(score_array_run):
-    rc, out, slide_ids, logs = score_array_run
+    rc, out, slide_ids, logs, _ = score_array_run
     assert rc == 0, logs[-3000:]
     assert sorted(p.stem for p in (out / "heatmaps").glob("*.npy")) == slide_ids
 
@@ -422,10 +469,21 @@ def test_score_array_scores_every_slide_once(score_array_run):
 def test_score_array_predictions_list_every_slide_once(score_array_run):
     import pandas as pd
 
-    rc, out, slide_ids, logs = score_array_run
+    rc, out, slide_ids, logs, _ = score_array_run
     assert rc == 0, logs[-3000:]
     table = pd.read_csv(out / "predictions.csv", dtype={"slide_id": str})
     assert sorted(table.slide_id) == slide_ids and (table.status == "ok").all()
+
+
+def test_score_array_from_id_1_runs_shards_0_to_3_once(score_array_run):
+    rc, out, slide_ids, logs, task_logs = score_array_run
+    assert rc == 0, logs[-3000:]
+    for task, log in task_logs.items():  # task k logs shard k-1 of 4, and only that one
+        assert re.findall(r"array task \d+: shard \d+/\d+", log) == [f"array task {task}: shard {task - 1}/4"], log
+    # one run summary per shard 0-3 (none for a shard 4/4), each scoring one of the 4 slides
+    summaries = {p.name: json.loads(p.read_text()) for p in out.glob("run_summary*.json")}
+    assert sorted(summaries) == [f"run_summary.shard-{i}-of-4.json" for i in range(4)]
+    assert [s["scored_this_run"] for s in summaries.values()] == [1, 1, 1, 1]
 
 
 # ---- requeue and resume -------------------------------------------------------------------------------
