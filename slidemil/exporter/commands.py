@@ -84,17 +84,22 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16", "int8"], default="auto")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-parity", action="store_true", help="only schema, checksums and smoke inference")
+    p.add_argument("--json", type=Path, help="also write the report (checks, parity figures: what gates and what "
+                                             "informs) to this JSON file")
     _parity_option(p)
 
 
 @command("verify", "check a model package: schema, checksums, smoke inference, parity of a backend", _verify_options)
 def _verify(args: argparse.Namespace) -> int:
+    from slidemil.atomic import write_json
     from slidemil.exporter.verify import ParityConfig, verify_package
     parity = None if args.no_parity else ParityConfig(slide=str(args.parity_slide) if args.parity_slide else None)
     report = verify_package(args.model_dir, backend=args.backend, precision=args.precision, device=args.device,
                             parity=parity)
     for line in report.lines():
         log.info("%s", line)
+    if args.json:
+        write_json(args.json, report.to_dict())
     log.info("%s: %s", args.model_dir, "verified" if report.ok else "FAILED")
     return 0 if report.ok else 1
 
@@ -102,9 +107,14 @@ def _verify(args: argparse.Namespace) -> int:
 def _quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", type=Path, help="model package folder")
     p.add_argument("--slides", required=True,
-                   help="folder, glob or CSV of slides like those you will score (calibration and parity tiles)")
-    p.add_argument("--tiles", type=int, default=300, help="calibration tiles (300)")
-    p.add_argument("--parity-tiles", type=int, default=128, help="other tiles on which int8 is checked (128)")
+                   help="folder, glob or CSV of at least 2 slides like those you will score: most calibrate, "
+                        "whole held-out ones check the int8 backbone")
+    p.add_argument("--tiles", type=int, default=300, help="calibration tiles from the calibration slides (300)")
+    p.add_argument("--parity-slides", type=int, default=4,
+                   help="most slides held out of calibration to check int8 on (a quarter, at least 1; 4)")
+    p.add_argument("--parity-max-tiles", type=int, default=2000,
+                   help="a held-out slide with more tissue tiles is checked on a seeded sample of this many (2000)")
+    p.add_argument("--parity-tiles", type=int, help=argparse.SUPPRESS)  # before whole-slide parity; ignored
     p.add_argument("--slide-mpp", type=float, help="level-0 mpp for slides whose files lack it")
     p.add_argument("--seed", type=int, default=0)
 
@@ -112,9 +122,19 @@ def _quantize_options(p: argparse.ArgumentParser) -> None:
 @command("quantize", "add an int8 OpenVINO backbone to a package, calibrated on your slides and checked", _quantize_options)
 def _quantize(args: argparse.Namespace) -> int:
     from slidemil.exporter.quantize import QuantizeConfig, quantize_package
-    cfg = QuantizeConfig(calibration_tiles=args.tiles, parity_tiles=args.parity_tiles, seed=args.seed)
+    if args.parity_tiles is not None:
+        log.warning("--parity-tiles is ignored: int8 is checked on whole held-out slides (--parity-slides, "
+                    "--parity-max-tiles)")
+    cfg = QuantizeConfig(calibration_tiles=args.tiles, parity_slides=args.parity_slides,
+                         parity_max_tiles=args.parity_max_tiles, seed=args.seed)
     pkg = quantize_package(args.model_dir, args.slides, cfg, slide_mpp=args.slide_mpp)
-    figures = pkg.manifest.openvino["int8"]["parity"]  # type: ignore[index]
-    log.info("int8 backbone added to %s: |d prob| %.2e vs onnxruntime fp32, argmax agreement %.4f",
-             pkg.root, figures["probabilities"]["max_abs"], figures["argmax_agreement"])
+    parity = pkg.manifest.openvino["int8"]["parity"]  # type: ignore[index]
+    for s in parity["slides"]:
+        log.info("held-out slide %s (%d tiles): |d prob| %.2e, class %s (fp32) / %s (int8)", s["slide_id"],
+                 s["n_tiles"], s["probabilities"]["max_abs"], s["classes"]["reference"], s["classes"]["int8"])
+    info = parity["information"]
+    log.info("information, not gating: one-tile bags |d prob| %.2e, min feature cosine %.6f",
+             info["one_tile_bags"]["probabilities"]["max_abs"], info["features"]["min_cosine"])
+    log.info("int8 backbone added to %s: whole-slide |d prob| %.2e <= %.0e vs onnxruntime fp32, identical classes",
+             pkg.root, parity["probabilities"]["max_abs"], parity["tolerance"])
     return 0

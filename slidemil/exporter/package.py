@@ -45,7 +45,7 @@ HEAD_WEIGHTS_FILE = "head.safetensors"
 HEAD_CONFIG_FILE = "head_config.json"
 GRAPH_KINDS = ("backbone", "head")
 _VERSIONED = ("slidemil", "torch", "onnx", "onnxruntime", "onnxscript", "timm", "numpy", "safetensors",
-              "openvino", "tensorrt")
+              "openvino", "nncf", "tensorrt")
 
 
 def graph_file(kind: str, precision: str = "fp32") -> str:
