@@ -26,6 +26,7 @@ test-gpu: install
 test-slurm: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m slurm
 
-lint:
+lint: install
 	$(PYTHON) -m ruff check slidemil tests bench
+	$(PYTHON) -m mypy
 	hadolint docker/Dockerfile docker/Dockerfile.cpu

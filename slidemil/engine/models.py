@@ -9,6 +9,7 @@ members agree on class names and tiling.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -122,7 +123,7 @@ def open_models(model_dirs: Sequence[str | Path], backend: str = "auto", device:
         models = []
         for model_dir in model_dirs:
             package = load_package(model_dir)
-            name = choose_backend(backend, device, usable=lambda b, p=package: _has_files_for(p, b))
+            name = choose_backend(backend, device, usable=functools.partial(_has_files_for, package))
             backbone, head = BUILDERS[name](package, settings)
             stack.enter_context(backbone)
             stack.enter_context(head)

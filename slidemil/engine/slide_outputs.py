@@ -72,7 +72,7 @@ def _write_files(result: SlideResult, out: Path, cfg: Any, class_names: list[str
     write_heatmap(out, slide_id, grid, result.attention, cfg.attention_norm, plan.thumbnail, title, overlap_map)
     if cfg.geojson:
         fc = geojson_tiles(grid, result.attention, cfg.attention_norm, class_names, result.probabilities,
-                           extra={"attention_raw": result.attention_raw})
+                           extra={"attention_raw": result.attention_raw} if result.attention_raw is not None else None)
         write_geojson(slide_paths(out, slide_id)["geojson"], fc)
     if cfg.top_k > 0:
         top = topk_indices(result.attention, cfg.top_k)

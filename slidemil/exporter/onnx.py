@@ -64,6 +64,8 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, input_names: t
                                         output_names=list(output_names), opset_version=opset,
                                         dynamic_shapes=({0: batch},), external_data=external,
                                         optimize=True, verbose=False)
+            if program is None:
+                raise ExportError("the dynamo exporter returned no program")
             program.save(str(path), external_data=external)
         else:
             axes = {input_names[0]: {0: axis}}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from slidemil import __version__, config
 from slidemil.atomic import TMP_MARK, write_json
@@ -224,6 +224,12 @@ class Package:
         if precision not in built and missing_ok:
             return None
         return self.engine(kind, precision)
+
+    @overload
+    def openvino_int8(self, missing_ok: Literal[False] = False) -> Path: ...
+
+    @overload
+    def openvino_int8(self, missing_ok: bool) -> Path | None: ...
 
     def openvino_int8(self, missing_ok: bool = False) -> Path | None:
         """The int8 OpenVINO backbone (``backbone_int8.xml``); PackageError saying how to make one when absent."""

@@ -163,7 +163,7 @@ def vit_base_patch16_224() -> BackboneSpec:
 # Pathology foundation models. Random initialisation builds ``arch`` with these kwargs, offline;
 # "pretrained" asks timm for the hf-hub name, whose config carries the same arguments.
 _SWIGLU = {"mlp_layer": "py:timm.layers.SwiGLUPacked", "act_layer": "py:torch.nn.SiLU"}
-_IMAGENET = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+_IMAGENET: dict[str, Any] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 FOUNDATION_MODELS: dict[str, BackboneSpec] = {
     "uni": BackboneSpec(  # 1024-d
         "vit_large_patch16_224", "hf-hub:MahmoodLab/uni",
@@ -188,7 +188,7 @@ FOUNDATION_MODELS: dict[str, BackboneSpec] = {
          "init_values": 1e-5, "mlp_ratio": 5.33334}, **_IMAGENET),
 }
 for _name, _spec in FOUNDATION_MODELS.items():
-    register_backbone(_name)(lambda spec=_spec: spec)
+    register_backbone(_name)(functools.partial(lambda spec: spec, _spec))
 
 
 # --- post-build steps (named so that a card can be rebuilt) ---------------------------------------
@@ -196,7 +196,7 @@ for _name, _spec in FOUNDATION_MODELS.items():
 class ClassAndMeanTokens(nn.Module):
     """Virchow-style embedding: class token ++ mean of patch tokens (register tokens excluded)."""
 
-    def __init__(self, trunk: nn.Module) -> None:
+    def __init__(self, trunk: Any) -> None:  # a timm VisionTransformer (its attributes are not typed)
         super().__init__()
         self.trunk = trunk
         self.num_prefix_tokens = int(trunk.num_prefix_tokens)
@@ -208,7 +208,7 @@ class ClassAndMeanTokens(nn.Module):
         return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens:].mean(dim=1)], dim=-1)
 
 
-def _drop_layer4(model: nn.Module) -> nn.Module:
+def _drop_layer4(model: Any) -> nn.Module:  # a timm ResNet
     model.layer4 = nn.Identity()
     model.feature_info = model.feature_info[:-1]
     model.num_features = model.feature_info[-1]["num_chs"]

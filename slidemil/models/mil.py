@@ -85,6 +85,7 @@ class AttentionMIL(nn.Module):
     """
 
     config: HeadConfig | None = None  # set by create_head, for exporters and checkpoints
+    temperature: torch.Tensor  # buffer, () float: divides the logits (1 until calibrated)
 
     def __init__(self, in_dim: int, n_classes: int, hidden_dim: int = 256, attention_dim: int = 128,
                  dropout: float = 0.25, gated: bool = True) -> None:

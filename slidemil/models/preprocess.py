@@ -63,6 +63,9 @@ class UInt8Backbone(nn.Module):
         card: its preprocessing card (mean, std, feature_dim).
     """
 
+    mean: torch.Tensor  # buffers, (1, 1, 1, 3) float32
+    std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, card: BackboneCard) -> None:
         super().__init__()
         self.backbone = backbone

@@ -84,6 +84,7 @@ class JpegTileSource(TileSource):
             self._reader.close()
             raise SlideOpenError(f"{self.path.name}: no level is stored as tiled JPEG; use the openslide tile source")
         self._file = TileFile(self.path)
+        self._cache_key: tuple[Any, ...] | None
         self._cache_key, self._cache = acquire_file_cache(self.path, cache_tiles or _default_capacity(self._levels))
         self._device_cache = LruTiles(self._cache.capacity)
         self._warned: set[int] = set()
@@ -124,6 +125,7 @@ class JpegTileSource(TileSource):
             level.paste(int(plan.ix[i]), int(plan.iy[i]), side, tiles, region)
             if direct:
                 continue
+            assert region is not None  # the scratch buffer
             if plan.ext:
                 region = _shift(region, int(plan.wx[i]), int(plan.wy[i]))
             if region.shape[0] != out_px:
@@ -217,7 +219,7 @@ class JpegTileSource(TileSource):
             images = decode_jpeg(streams, mode=ImageReadMode.RGB, device=device if on_gpu else "cpu")
         except RuntimeError as exc:
             raise self._decode_error(level_index, level, indices, streams, exc) from exc
-        if on_gpu and level_index not in self._checked_levels:
+        if on_gpu and device is not None and level_index not in self._checked_levels:
             images = self._check_gpu_colours(level_index, streams, images, device)
         out = []
         for index, image, stream in zip(indices, images, data):

@@ -20,11 +20,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from slidemil.errors import SlideOpenError, SlideReadError
+
+if TYPE_CHECKING:
+    import tifffile
 
 TIFF_FORMATS = ("aperio", "generic-tiff")  # OpenSlide formats whose levels are TIFF pages
 JPEG_COMPRESSION = 7
@@ -147,7 +150,7 @@ def probe_levels(path: str | Path, level_dimensions: list[tuple[int, int]]) -> l
     return out
 
 
-def _jpeg_level(page: object) -> JpegLevel | None:
+def _jpeg_level(page: tifffile.TiffPage) -> JpegLevel | None:
     """The page as a JpegLevel when it holds 8-bit RGB/YCbCr JPEG tiles, else None."""
     p = page  # tifffile.TiffPage
     if (int(p.compression) != JPEG_COMPRESSION or int(p.photometric) not in (PHOTOMETRIC_RGB, PHOTOMETRIC_YCBCR)

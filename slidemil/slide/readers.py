@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,8 @@ UM_PER_UNIT = {"centimeter": 1e4, "cm": 1e4, "inch": 25_400.0, "2": 25_400.0, "3
 class OpenSlideReader(SlideReader):
     """Aperio, Hamamatsu, Leica, MIRAX, Philips, Ventana, Sakura, generic tiled TIFF and DICOM WSI."""
 
+    _slide: Any  # openslide.OpenSlide while open, None once closed
+
     @classmethod
     def can_open(cls, path: Path) -> bool:
         import openslide
@@ -41,7 +44,7 @@ class OpenSlideReader(SlideReader):
             raise SlideOpenError(f"{self.path.name}: OpenSlide cannot open it: {exc}") from exc
         props = self._slide.properties
         self.vendor = props.get("openslide.vendor", "unknown")
-        self.level_dimensions = [tuple(map(int, d)) for d in self._slide.level_dimensions]
+        self.level_dimensions = [(int(w), int(h)) for w, h in self._slide.level_dimensions]
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
         power = props.get("openslide.objective-power")
         self.magnification = float(power) if power else None

@@ -38,6 +38,9 @@ class TileSource(ABC):
 
     source_name = "abstract"
 
+    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+        """Open the slide at ``path``; ``mpp`` overrides its level-0 microns per pixel."""
+
     @classmethod
     @abstractmethod
     def supports(cls, path: Path, size_level0: int, out_px: int) -> bool:

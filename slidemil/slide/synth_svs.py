@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -107,7 +108,7 @@ def write_svs(
     """Write the IFD chain: level 0 (painted while written), thumbnail, reduced levels."""
     width, height = painter.layout.width, painter.layout.height
     desc0, desc_thumb, desc_level = _descriptions(width, height, tile_size, quality, mpp, app_mag)
-    common = {
+    common: dict[str, Any] = {
         "photometric": "rgb",
         "compression": "jpeg",
         "compressionargs": {"level": quality},

@@ -167,8 +167,8 @@ def _draw_nuclei(rng: np.random.Generator, p: TextureParams, period: int) -> np.
 
 def _draw_glands(rng: np.random.Generator, p: TextureParams, period: int) -> tuple[np.ndarray, np.ndarray]:
     """Gland lumens (OD scale factor, 1 outside) and the ring of nuclei around them."""
-    scale = np.ones((period, period), np.float32)
-    ring = np.zeros((period, period), np.float32)
+    scale: np.ndarray = np.ones((period, period), np.float32)
+    ring: np.ndarray = np.zeros((period, period), np.float32)
     n = int(p.gland_density * period * period / 1000)
     if n == 0:
         return scale, ring

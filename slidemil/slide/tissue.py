@@ -72,7 +72,7 @@ def segment_tissue(rgb: np.ndarray, mpp: float, cfg: TissueConfig = TissueConfig
     sat = cv2.medianBlur(sat, min(_odd(cfg.median_um / mpp), 255))
     otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = float(np.clip(otsu, cfg.saturation_floor, cfg.saturation_ceiling))
-    mask = (sat > threshold).astype(np.uint8)
+    mask: np.ndarray = (sat > threshold).astype(np.uint8)
     k = _odd(cfg.close_um / mpp)
     if k > 1:
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))

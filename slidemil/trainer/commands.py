@@ -133,10 +133,12 @@ def load_train_config(args: argparse.Namespace) -> Any:
     from slidemil.config import load_config
     from slidemil.trainer.config import TrainConfig
     cfg = load_config(TrainConfig, args.config, train_overrides(args))
-    for name in ("max_patches", "eval_patches"):
-        if getattr(args, name) == 0:
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **{name: None}))
-    return cfg
+    data = cfg.data
+    if args.max_patches == 0:
+        data = dataclasses.replace(data, max_patches=None)
+    if args.eval_patches == 0:
+        data = dataclasses.replace(data, eval_patches=None)
+    return dataclasses.replace(cfg, data=data)
 
 
 @command("train", "train an attention-MIL head (or backbone + head, --mode end2end) on slide labels "

@@ -229,7 +229,7 @@ class Bag(NamedTuple):
 
     inputs: torch.Tensor  # (N, ...) instance inputs: features (N, D), or uint8 tiles (N, H, W, 3)
     label: int
-    index: int  # position of the slide in its dataset
+    position: int  # of the slide in its dataset
 
 
 class BagBatch(NamedTuple):
@@ -258,7 +258,7 @@ def collate_bags(bags: Sequence[Bag]) -> BagBatch:
         inputs[i, : len(bag.inputs)] = bag.inputs
         mask[i, : len(bag.inputs)] = True
     labels = torch.tensor([b.label for b in bags], dtype=torch.int64)
-    indices = torch.tensor([b.index for b in bags], dtype=torch.int64)
+    indices = torch.tensor([b.position for b in bags], dtype=torch.int64)
     return BagBatch(inputs, mask, labels, indices)
 
 

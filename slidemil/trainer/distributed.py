@@ -80,7 +80,7 @@ def process_group(device: str = "auto", timeout_s: float = 1800.0) -> Iterator[D
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                            **({"device_id": dev} if dev.type == "cuda" else {}))
+                            device_id=dev if dev.type == "cuda" else None)
     quiet = logging.getLogger("slidemil")
     old_level = quiet.level
     if rank != 0:
@@ -132,7 +132,7 @@ def shard(n: int, ctx: DistContext) -> list[int]:
 
 def wrap_ddp(model: nn.Module, ctx: DistContext) -> DistributedDataParallel:
     """DDP without buffer syncing in forward (evaluation runs uneven shards on the plain module)."""
-    no_sync = ({"forward_sync_buffers": False}
+    no_sync: dict[str, Any] = ({"forward_sync_buffers": False}
                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                else {"broadcast_buffers": False})
     return DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, **no_sync)

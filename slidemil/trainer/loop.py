@@ -137,7 +137,8 @@ class Trainer:
         self._preload()
         self.loader = self._loader(train, self.sampler, cfg.data.batch_size)
         self.eval_loaders: dict[str, DataLoader] = {}
-        params = self.task.param_groups or [p for p in self.model.parameters() if p.requires_grad]
+        params: list[Any] = (list(self.task.param_groups) if self.task.param_groups
+                             else [p for p in self.model.parameters() if p.requires_grad])
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.monitor = self._choose_monitor()
         steps_per_epoch = math.ceil(len(self.loader) / cfg.optim.accumulate)

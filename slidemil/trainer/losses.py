@@ -71,6 +71,8 @@ class FocalLoss(nn.Module):
     cross-entropy with the same weights and smoothing.
     """
 
+    weight: torch.Tensor | None  # buffer, (C,) class weights
+
     def __init__(
         self,
         gamma: float = 2.0,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,7 +75,7 @@ class TrainingTask:
     """
 
     model: MILModel
-    datasets: dict[str, BagDataset]
+    datasets: Mapping[str, BagDataset]
     meta: dict[str, Any]
     backbone_dir: Path | None = None
     param_groups: list[dict[str, Any]] | None = None
@@ -174,6 +174,9 @@ class FeatureMIL(MILModel):
     head's first linear layer, so :meth:`checkpoint_state` folds it into that layer: the saved head
     takes raw features, as the engine gives them.
     """
+
+    feature_mean: torch.Tensor  # buffers, (D,): training-set mean and 1 / std of each feature
+    feature_scale: torch.Tensor
 
     def __init__(self, head: AttentionMIL, standardize: bool = True) -> None:
         super().__init__()
