@@ -97,13 +97,13 @@ def _train(out: Path, cfg: DemoConfig) -> Any:
 
 def _quantize(out: Path, table: pd.DataFrame, package: Path) -> None:
     """An int8 backbone calibrated on the training slides, so that the engine runs int8 on a CPU."""
-    from slidemil.errors import BackendUnavailableError, ExportError
+    from slidemil.errors import BackendUnavailableError, ConfigError, ExportError
     from slidemil.exporter.quantize import quantize_package
     if (package / "backbone_int8.xml").is_file():
         return
     try:
         quantize_package(package, _split_slides(out, table, "train"))
-    except (BackendUnavailableError, ExportError) as exc:  # the demo goes on with the floating-point backbone
+    except (BackendUnavailableError, ConfigError, ExportError) as exc:  # the demo goes on in floating point
         log.warning("int8 backbone skipped: %s", exc)
 
 

@@ -296,11 +296,9 @@ def test_extract_array_writes_every_slide_once(extract_array_run):
     rc, out, slide_ids, logs = extract_array_run
     assert rc == 0, logs
     assert sorted(p.stem for p in (out / "features").glob("*.h5")) == slide_ids
-    checker = REPO.parent / "shared" / "tools" / "check_h5.py"
-    if checker.exists():  # the features contract (../shared/DESIGN.md)
-        r = subprocess.run([sys.executable, str(checker), str(out / "features")], capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
+    from slidemil.check import check_paths
+    report = check_paths([out / "features"])  # the features contract of docs/formats.md
+    assert report.ok, [f.problems for f in report.findings if not f.ok]
 
 
 def test_extract_array_table_lists_every_slide(extract_array_run):
