@@ -4,11 +4,23 @@ Run by hand from the repository root (package installed): ``python bench/score.p
 resnet50_trunc] [--runners openvino:int8 openvino:bf16 onnxruntime:fp32 torch:fp32:off torch:bf16:off torch:bf16:on]
 [--device auto|cpu|cuda] [--size 8192] [--n-slides 2] [--batch 32] [--workers 2] [--runs 3]``.
 
-A runner is ``backend[:precision[:torch-compile]]``. The default list is every CPU runner, OpenVINO
-int8 included (the package is then quantized on the cohort's slides; on a GPU: tensorrt, onnxruntime
-and torch at fp16). A synthetic cohort of 20x slides is written, a package is
-exported from a random-weights checkpoint of the backbone with a gated head, then, ``--runs`` times,
-each runner in turn (interleaved, so that a change in machine load hits them all alike):
+A runner is ``backend[:precision[:torch-compile]]``: backend torch, onnxruntime, openvino or tensorrt;
+precision auto, fp32, fp16, bf16 or int8 where the backend has it (onnxruntime: fp32, fp16; openvino:
+fp32, bf16, int8; tensorrt: fp16, fp32); torch-compile on, off or auto (torch only; default off).
+The default list is every runner of the device that can run here:
+
+- cpu: openvino:int8 (with nncf: the package is then quantized on the cohort's slides), openvino:bf16,
+  onnxruntime:fp32, torch:fp32:off, torch:bf16:off, torch:bf16:on;
+- cuda: tensorrt:fp16 (where tensorrt imports), onnxruntime:fp16 (where onnxruntime-gpu gives the CUDA
+  provider), torch:fp16:off, torch:bf16:off, torch:fp32:off.
+
+The package is exported with what the runners need: fp16 ONNX graphs for ONNX Runtime fp16, TensorRT
+engines (built on this GPU) for tensorrt, an int8 backbone for openvino:int8. A runner asked for by
+``--runners`` that cannot run here stops the bench at once, saying why and what to install.
+
+A synthetic cohort of 20x slides is written, a package is exported from a random-weights checkpoint of
+the backbone with a gated head, then, ``--runs`` times, each runner in turn (interleaved, so that a
+change in machine load hits them all alike):
 
 - model only: the package's backbone runner on real tiles of the cohort, already in memory, at the
   same batch size, streamed through ``infer_stream`` (what the hardware can do with this runner);
@@ -37,15 +49,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export import make_checkpoint  # noqa: E402  (bench/export.py: a checkpoint in the trainer's format)
-
-from slidemil.engine.models import open_models, warm_up  # noqa: E402
-from slidemil.engine.runners import resolve_device  # noqa: E402
-from slidemil.exporter.export import ExportConfig, export_checkpoint  # noqa: E402
-from slidemil.slide.reader import open_slide  # noqa: E402
-from slidemil.slide.synth import SynthConfig, make_cohort  # noqa: E402
-from slidemil.slide.tiling import TilingConfig, plan_tiles  # noqa: E402
+from slidemil.engine.models import open_models, warm_up
+from slidemil.engine.runners import resolve_device
+from slidemil.exporter.export import ExportConfig, export_checkpoint
+from slidemil.slide.reader import open_slide
+from slidemil.slide.synth import SynthConfig, make_cohort
+from slidemil.slide.tiling import TilingConfig, plan_tiles
 
 
 def real_tiles(slide: Path, tiling: TilingConfig, n: int) -> np.ndarray:
@@ -53,6 +62,11 @@ def real_tiles(slide: Path, tiling: TilingConfig, n: int) -> np.ndarray:
         plan = plan_tiles(reader, tiling)
         coords = plan.grid.coords[np.linspace(0, len(plan.grid) - 1, n).astype(int)]
         return reader.read_tiles(coords, plan.grid.patch_size_level0, tiling.tile.patch_size)
+
+
+PRECISIONS = {"torch": ("auto", "fp32", "fp16", "bf16"), "onnxruntime": ("auto", "fp32", "fp16"),
+              "openvino": ("auto", "fp32", "bf16", "int8"), "tensorrt": ("auto", "fp16", "fp32")}
+COMPILE_MODES = ("off", "on", "auto")
 
 
 @dataclass(frozen=True)
@@ -63,15 +77,146 @@ class RunnerSpec:
 
     @classmethod
     def parse(cls, text: str) -> RunnerSpec:
-        return cls(*text.split(":"))
+        return parse_runner(text)
 
     def __str__(self) -> str:
         name = f"{self.backend} {self.precision}"
-        return name + (" compiled" if self.backend == "torch" and self.compile == "on" else "")
+        if self.backend != "torch" or self.compile == "off":
+            return name
+        return name + (" compiled" if self.compile == "on" else " compile auto")
+
+    @property
+    def text(self) -> str:
+        """The spec as written on the command line."""
+        return f"{self.backend}:{self.precision}" + (f":{self.compile}" if self.backend == "torch" else "")
 
 
-DEFAULT_RUNNERS = {"cpu": ["openvino:int8", "openvino:bf16", "onnxruntime:fp32", "torch:fp32:off", "torch:bf16:off", "torch:bf16:on"],
-                   "cuda": ["tensorrt:fp16", "onnxruntime:fp16", "torch:fp16:off"]}
+def parse_runner(text: str) -> RunnerSpec:
+    """``backend[:precision[:torch-compile]]`` -> RunnerSpec; argparse.ArgumentTypeError saying what is allowed."""
+    parts = text.split(":")
+    backend = parts[0]
+    if backend not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"runner {text!r}: unknown backend {backend!r}; use one of {list(PRECISIONS)}")
+    if len(parts) > (3 if backend == "torch" else 2):
+        raise argparse.ArgumentTypeError(f"runner {text!r}: write backend[:precision]"
+                                         f"{'[:torch-compile]' if backend == 'torch' else ''}")
+    spec = RunnerSpec(*parts)
+    if spec.precision not in PRECISIONS[backend]:
+        raise argparse.ArgumentTypeError(f"runner {text!r}: {backend} runs at {', '.join(PRECISIONS[backend])}, "
+                                         f"not {spec.precision}")
+    if spec.compile not in COMPILE_MODES:
+        raise argparse.ArgumentTypeError(f"runner {text!r}: torch-compile is on, off or auto, not {spec.compile!r}")
+    return spec
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What this machine can run: a CUDA GPU for torch, ONNX Runtime's providers (None: not installed),
+    OpenVINO and NNCF installed, and why TensorRT cannot run (None: it can)."""
+
+    cuda: bool
+    onnxruntime: tuple[str, ...] | None
+    openvino: bool
+    nncf: bool
+    tensorrt: str | None
+
+
+def detect_environment() -> Environment:
+    import importlib.util
+
+    import torch
+
+    from slidemil.errors import BackendUnavailableError
+    try:
+        import onnxruntime
+        providers: tuple[str, ...] | None = tuple(onnxruntime.get_available_providers())
+    except ImportError:
+        providers = None
+    try:
+        from slidemil.engine.tensorrt_runner import import_tensorrt
+        import_tensorrt()
+        tensorrt = None
+    except BackendUnavailableError as exc:
+        tensorrt = str(exc)
+    return Environment(cuda=torch.cuda.is_available(), onnxruntime=providers,
+                       openvino=importlib.util.find_spec("openvino") is not None,
+                       nncf=importlib.util.find_spec("nncf") is not None, tensorrt=tensorrt)
+
+
+def runner_problem(spec: RunnerSpec, device: str, env: Environment) -> str | None:
+    """Why ``spec`` cannot run on ``device`` here (what to install or change), or None when it can."""
+    cuda = device.startswith("cuda")
+    if spec.backend == "torch" and cuda and not env.cuda:
+        return ("torch sees no CUDA GPU here (torch.cuda.is_available() is False): run on a GPU machine with "
+                "a CUDA build of torch, or use --device cpu")
+    if spec.backend == "onnxruntime":
+        if env.onnxruntime is None:
+            return "onnxruntime is not installed: pip install onnxruntime (onnxruntime-gpu for CUDA)"
+        if cuda and "CUDAExecutionProvider" not in env.onnxruntime:
+            return (f"ONNX Runtime has no CUDA provider here (it has {', '.join(env.onnxruntime)}): install "
+                    "onnxruntime-gpu in place of onnxruntime (pip install 'slidemil[gpu]')")
+    if spec.backend == "openvino":
+        if cuda:
+            return "slidemil runs OpenVINO on the CPU only: use --device cpu"
+        if not env.openvino:
+            return "OpenVINO is not installed: pip install openvino"
+        if spec.precision == "int8" and not env.nncf:
+            return "openvino:int8 quantizes the package with NNCF, which is not installed: pip install 'slidemil[quantize]'"
+    if spec.backend == "tensorrt":
+        if not cuda:
+            return "TensorRT runs on CUDA GPUs only: use --device cuda"
+        if env.tensorrt is not None:
+            return env.tensorrt
+    return None
+
+
+DEFAULT_RUNNERS = {"cpu": ["openvino:int8", "openvino:bf16", "onnxruntime:fp32", "torch:fp32:off", "torch:bf16:off",
+                           "torch:bf16:on"],
+                   "cuda": ["tensorrt:fp16", "onnxruntime:fp16", "torch:fp16:off", "torch:bf16:off", "torch:fp32:off"]}
+
+
+def default_runners(device: str, env: Environment) -> tuple[list[RunnerSpec], dict[str, str]]:
+    """The device's default runners that can run here, and those left out with the reason."""
+    specs, left_out = [], {}
+    for text in DEFAULT_RUNNERS["cuda" if device.startswith("cuda") else "cpu"]:
+        spec = parse_runner(text)
+        problem = runner_problem(spec, device, env)
+        if problem is None:
+            specs.append(spec)
+        else:
+            left_out[text] = problem
+    return specs, left_out
+
+
+def choose_runners(requested: list[RunnerSpec] | None, device: str, env: Environment) -> list[RunnerSpec]:
+    """The runners to time: those requested, each of which must be able to run here, or the defaults.
+
+    Raises:
+        SystemExit: a requested runner cannot run here, or no default runner can (the message says why).
+    """
+    if requested:
+        problems = [f"{s.text}: {problem}" for s in requested
+                    if (problem := runner_problem(s, device, env)) is not None]
+        if problems:
+            raise SystemExit(f"bench/score.py: these runners cannot run on {device} here:\n  " + "\n  ".join(problems))
+        return list(requested)
+    specs, left_out = default_runners(device, env)
+    reasons = [f"{text}: {problem}" for text, problem in left_out.items()]
+    if not specs:
+        raise SystemExit(f"bench/score.py: no runner can run on {device} here:\n  " + "\n  ".join(reasons))
+    for reason in reasons:
+        logging.getLogger("bench").warning("leaving out %s", reason)
+    return specs
+
+
+def export_config(specs: list[RunnerSpec], device: str) -> ExportConfig:
+    """What the package must hold for ``specs``: fp16 ONNX graphs for ONNX Runtime fp16 (``auto`` takes
+    them on a GPU), TensorRT engines of each precision asked for (``auto``: fp16)."""
+    cuda = device.startswith("cuda")
+    fp16 = any(s.backend == "onnxruntime" and (s.precision == "fp16" or (s.precision == "auto" and cuda))
+               for s in specs)
+    trt = sorted({"fp16" if s.precision == "auto" else s.precision for s in specs if s.backend == "tensorrt"})
+    return ExportConfig(overwrite=True, fp16=fp16, tensorrt=bool(trt), trt_precisions=tuple(trt) or ("fp16",))
 
 
 def model_only(model_dir: Path, tiles: np.ndarray, spec: RunnerSpec, args: argparse.Namespace) -> float:
@@ -117,11 +262,13 @@ def report(results: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="resnet50_trunc")
-    p.add_argument("--runners", nargs="+", help="backend[:precision[:torch-compile]] ... (default: every CPU runner)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--runners", nargs="+", type=parse_runner, metavar="RUNNER",
+                   help="backend[:precision[:torch-compile]] ... (default: every runner of the device that can run "
+                        "here; see the module docstring)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--tile-px", type=int, default=256)
     p.add_argument("--size", type=int, default=8192)
     p.add_argument("--n-slides", type=int, default=2)
@@ -131,14 +278,22 @@ def main() -> None:
     p.add_argument("--model-tiles", type=int, default=256, help="tiles timed per model-only run")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", type=Path)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.device = resolve_device(args.device)
-    specs = [RunnerSpec.parse(t) for t in args.runners or DEFAULT_RUNNERS["cuda" if args.device.startswith("cuda") else "cpu"]]
+    specs = choose_runners(args.runners, args.device, detect_environment())  # before any work: fail fast
+    print("runners: " + ", ".join(map(str, specs)), flush=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from export import make_checkpoint  # bench/export.py: a checkpoint in the trainer's format
+
     work = args.out or Path(tempfile.mkdtemp(prefix="bench-score-"))
     make_cohort(work / "cohort", SynthConfig(n_slides=args.n_slides, size=args.size, seed=0), progress=False)
     ckpt = make_checkpoint(work / "run", args.backbone, "random", args.tile_px)
-    export_checkpoint(ckpt, work / "model", ExportConfig(overwrite=True))
+    export_checkpoint(ckpt, work / "model", export_config(specs, args.device))
     if any(spec.precision == "int8" for spec in specs):  # calibrated on the cohort's slides, parity checked
         from slidemil.exporter.quantize import quantize_package
         quantize_package(work / "model", work / "cohort" / "slides")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from slidemil.cli import main
@@ -131,15 +132,55 @@ def test_killed_run_resumes_to_the_same_outputs(package, tmp_path):
             assert (out / f.relative_to(ref)).read_bytes() == f.read_bytes(), f
 
 
-def test_ensemble_averages_members(package, tmp_path):
+def _other_member(model_dir: Path, root: Path) -> Path:
+    """A second package of the same backbone, classes and tiling whose head differs from the first's:
+    its attention scores are turned around and perturbed (so its normalised attention differs from the
+    first's, and not by an affine map) and its classifier is biased towards "normal" (so its
+    probabilities differ)."""
+    from slidemil.exporter.export import ExportConfig, export_checkpoint
+    from slidemil.trainer.checkpoint import load_weights, save_checkpoint
+
+    run = model_dir.parent / "run"
+    shutil.copytree(run / "backbone", root / "run" / "backbone")
+    state, meta = load_weights(run / "checkpoint_best")
+    g = torch.Generator().manual_seed(5)
+    v = state["head.attention_v.weight"]
+    state["head.attention_v.weight"] = v + 2 * torch.randn(v.shape, generator=g) * v.std()
+    state["head.attention_w.weight"] = -state["head.attention_w.weight"]
+    state["head.classifier.bias"] = state["head.classifier.bias"] + torch.tensor([1.0, -1.0])
+    meta = {key: value for key, value in meta.items() if key not in ("schema", "slidemil_version", "files")}
+    ckpt = save_checkpoint(root / "run" / "checkpoint_best", state, meta)
+    export_checkpoint(ckpt, root / "other", ExportConfig())
+    return root / "other"
+
+
+def test_ensemble_averages_members(package, scored, tmp_path):
     model_dir, slides, _ = package
-    twin = tmp_path / "twin"
-    shutil.copytree(model_dir, twin)
-    out = tmp_path / "out"
-    score_slides([model_dir, twin], slides, out, ScoreConfig(backend="onnxruntime", device="cpu", top_k=0))
+    other = _other_member(model_dir, tmp_path)
+    classes = ["normal", "tumour"]
+    alone = tmp_path / "other_alone"
+    score_slides([other], slides, alone, ScoreConfig(backend="onnxruntime", device="cpu", top_k=0, geojson=False))
+    out = tmp_path / "ensemble"
+    score_slides([model_dir, other], slides, out, ScoreConfig(backend="onnxruntime", device="cpu", top_k=0,
+                                                              geojson=False))
+    a = pd.read_csv(scored / "predictions.csv").iloc[0]
+    b = pd.read_csv(alone / "predictions.csv").iloc[0]
     row = pd.read_csv(out / "predictions.csv").iloc[0]
-    assert row[f"{model_dir.name}:prob_tumour"] == pytest.approx(row["twin:prob_tumour"])
-    assert row.prob_tumour == pytest.approx(row["twin:prob_tumour"])
+    heat_a, heat_b, heat = (np.load(d / "heatmaps" / "lesion.npy") for d in (scored, alone, out))
+    # the members really differ, or "the mean" and "the first member" could not be told apart
+    assert abs(a.prob_tumour - b.prob_tumour) > 0.2
+    assert np.nanmean(np.abs(heat_a - heat_b)) > 0.2
+    assert row.status == "ok"
+    for c in classes:
+        # each member's own columns are its probabilities as scored alone
+        assert row[f"{model_dir.name}:prob_{c}"] == pytest.approx(a[f"prob_{c}"], abs=1e-6)
+        assert row[f"{other.name}:prob_{c}"] == pytest.approx(b[f"prob_{c}"], abs=1e-6)
+        assert row[f"prob_{c}"] == pytest.approx((a[f"prob_{c}"] + b[f"prob_{c}"]) / 2, abs=1e-6), c
+    assert row.pred_class == classes[int(np.argmax([a[f"prob_{c}"] + b[f"prob_{c}"] for c in classes]))]
+    # the heatmap is the mean of the members' normalised attention, tile by tile
+    assert np.array_equal(np.isfinite(heat), np.isfinite(heat_a)) and np.array_equal(np.isfinite(heat_a),
+                                                                                   np.isfinite(heat_b))
+    np.testing.assert_allclose(heat, (heat_a + heat_b) / 2, atol=1e-6, equal_nan=True)
 
 
 def test_auto_backend_picks_an_installed_cpu_runner():

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from slidemil.cli import main
 from slidemil.errors import ConfigError
-from slidemil.trainer.checkpoint import load_head, read_checkpoint_meta
+from slidemil.trainer.checkpoint import load_head, load_training_state, read_checkpoint_meta
 from slidemil.trainer.loop import EpochResult, Trainer
 from slidemil.trainer.run import run_training
 from tests.trainer_fixtures import assert_same_metrics, fast_config, make_feature_cohort
@@ -120,14 +120,86 @@ def test_gradient_accumulation_equals_a_larger_batch(cohort: Path, tmp_path: Pat
             torch.testing.assert_close(x[key], y[key], rtol=0, atol=1e-5)
 
 
-def test_early_stopping_and_multiclass(tmp_path: Path) -> None:
+def test_early_stopping_when_the_validation_loss_never_improves(tmp_path: Path) -> None:
     root = make_feature_cohort(tmp_path / "c", n_slides=30, n_classes=3, slides_per_patient=1)
     # a learning rate too small to move float32 weights: the validation loss never improves
     cfg = fast_config(root, **{"optim.epochs": 30, "optim.patience": 2, "optim.monitor": "loss",
                                "optim.lr": 1e-12, "optim.scheduler": "none", "model.dropout": 0.0})
     (result,) = run_training(cfg, tmp_path / "run")
     assert len(pd.read_csv(tmp_path / "run" / "metrics.csv")) == 3 and result.best_epoch == 1
+    # the metrics of a model that learnt nothing are still computed, over all three classes
     assert len(result.test_metrics["confusion_matrix"]) == 3
+
+
+def test_multiclass_learns(tmp_path: Path) -> None:
+    # three classes: 0 has no lesion; 1 and 2 each have a few lesion tiles, shifted along their own direction
+    root = make_feature_cohort(tmp_path / "c", n_slides=60, n_classes=3, slides_per_patient=1, n_lesion=6,
+                               shift=2.0)
+    (result,) = run_training(fast_config(root, **{"optim.epochs": 10}), tmp_path / "run")
+    val, test = result.val_metrics, result.test_metrics
+    # chance is an AUC of 0.5 and a balanced accuracy of 1/3; a model that merges classes 1 and 2
+    # (a binary task in disguise) stays at 2/3
+    assert val["auc"] >= 0.9 and test["auc"] >= 0.9, (val["auc"], test["auc"])
+    assert test["balanced_accuracy"] >= 0.8 and val["balanced_accuracy"] >= 0.8, test["confusion_matrix"]
+    cm = test["confusion_matrix"]
+    assert len(cm) == 3 and all(len(row) == 3 for row in cm) and sum(map(sum, cm)) == test["n"]
+    assert all(row[c] >= 0.75 * sum(row) for c, row in enumerate(cm)), cm
+    for c in range(3):
+        assert {f"acc_{c}", f"precision_{c}", f"recall_{c}", f"f1_{c}"} <= set(test)
+        assert test[f"recall_{c}"] >= 0.75, (c, test[f"recall_{c}"])
+    preds = pd.read_csv(tmp_path / "run" / "test_predictions.csv", dtype={"slide_id": str})
+    assert list(preds.columns[:6]) == ["slide_id", "label", "pred", "prob_0", "prob_1", "prob_2"]
+    assert set(preds["pred"]) == {0, 1, 2} and len(preds) == test["n"]
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert {"val_acc_0", "val_acc_1", "val_acc_2"} <= set(metrics.columns)
+    assert metrics["train_loss"].iloc[-1] < 0.5 * metrics["train_loss"].iloc[0]  # from about ln 3
+
+
+def _plateau_run(tmp_path: Path, cohort: Path, lr: float) -> pd.DataFrame:
+    cfg = fast_config(cohort, **{"optim.epochs": 6, "optim.scheduler": "plateau", "optim.monitor": "loss",
+                                 "optim.plateau_patience": 2, "optim.plateau_factor": 0.5, "optim.warmup_epochs": 0,
+                                 "optim.patience": 0, "optim.lr": lr, "model.dropout": 0.0})
+    run_training(cfg, tmp_path)
+    return pd.read_csv(tmp_path / "metrics.csv")
+
+
+def test_plateau_schedule_cuts_the_lr_when_validation_loss_stalls(cohort: Path, tmp_path: Path) -> None:
+    # lr 1e-12 moves no float32 weight: the validation loss is the same every epoch, so with patience 2
+    # the lr is halved after epochs 3 and 5 (the lr column is the lr after the epoch's validation)
+    flat = _plateau_run(tmp_path / "flat", cohort, 1e-12)
+    assert flat["val_loss"].nunique() == 1
+    assert flat["lr"].to_numpy() / 1e-12 == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25])
+    schedule = load_training_state(tmp_path / "flat" / "checkpoint_last")["schedule"]
+    assert schedule["scale"] == pytest.approx(0.25) and schedule["bad_epochs"] == 1  # saved for --resume
+    # with a learning rate that learns, the validation loss improves every epoch and the lr stays put
+    learning = _plateau_run(tmp_path / "learning", cohort, 5e-4)
+    assert (learning["val_loss"].diff().dropna() < 0).all(), learning["val_loss"].tolist()
+    assert (learning["lr"] == 5e-4).all(), learning["lr"].tolist()
+
+
+@pytest.mark.parametrize("monitor, values, cut_after", [
+    # improving loss: never cut; then two epochs without a better value: cut; a better value resets the count
+    ("loss", [1.0, 0.9, 0.8, 0.7, 0.7, 0.75, 0.6, 0.65, 0.6, 0.61, 0.62], [6, 9, 11]),
+    ("auc", [0.5, 0.6, 0.7, 0.7, 0.7, 0.8, 0.8, 0.9], [5]),
+])
+def test_plateau_schedule_follows_the_monitored_metric(monitor: str, values: list, cut_after: list) -> None:
+    from slidemil.trainer.config import OptimConfig
+    from slidemil.trainer.schedule import LRSchedule
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    cfg = OptimConfig(lr=0.1, scheduler="plateau", warmup_epochs=0, epochs=len(values), monitor=monitor,
+                      plateau_patience=2, plateau_factor=0.5)
+    schedule = LRSchedule(opt, cfg, steps_per_epoch=3, monitor=monitor)
+    expected, lrs = 0.1, []
+    for epoch, value in enumerate(values, start=1):
+        for _ in range(3):
+            schedule.step()
+        assert schedule.lr == pytest.approx(expected), f"the lr changed during epoch {epoch}"
+        schedule.epoch_end(value)
+        if epoch in cut_after:
+            expected *= 0.5
+        lrs.append(schedule.lr)
+        assert schedule.lr == pytest.approx(expected), (epoch, lrs)
+        assert opt.param_groups[0]["lr"] == schedule.lr
 
 
 def test_cli_train_and_errors(cohort: Path, tmp_path: Path) -> None:
