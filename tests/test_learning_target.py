@@ -1,4 +1,4 @@
-"""DESIGN.md's learning target, by hand (``pytest -m slow``; about 10 minutes per cohort on 2 cores).
+"""The learning target (README, Small lesions), by hand (``pytest -m slow``; about 10 minutes per cohort on 2 cores).
 
 Synthetic cohort -> tile -> extract (the demo's backbone: resnet18, random weights) -> 5-fold
 cross-validation of the trainer's defaults with the max-instance term on (``--instance-weight

@@ -1,7 +1,7 @@
 """Tiles decoded straight from a slide's own JPEG tiles, on the CPU or on a CUDA device.
 
 ``JpegTileSource`` serves Aperio SVS and generic tiled TIFF levels stored as JPEG tiles (see
-``jpeg_tiff``) and follows the reader contract of DESIGN.md exactly as ``SlideReader.read_tiles``
+``jpeg_tiff``) and follows the coordinate contract of docs/formats.md exactly as ``SlideReader.read_tiles``
 does with OpenSlide: the level is ``best_level_for(size_level0 / out_px)`` of the OpenSlide geometry,
 the region is ``ceil(size_level0 / ds)`` pixels at level coordinates ``(x / ds, y / ds)``, pixels
 outside the image are white, and the region is resized with ``cv2.INTER_AREA``. At whole level

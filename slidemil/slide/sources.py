@@ -1,8 +1,8 @@
 """Tile sources: where the uint8 pixels of a batch of tiles come from.
 
 A source is opened per slide (and per worker thread: each has its own file handle) and reads
-square tiles at level-0 coordinates, resized to the output size, exactly as the reader contract of
-DESIGN.md says. ``reader`` reads through the slide reader (OpenSlide or a plain image); other
+square tiles at level-0 coordinates, resized to the output size, exactly as the coordinate contract of
+docs/formats.md says. ``reader`` reads through the slide reader (OpenSlide or a plain image); other
 sources (decoding the file's own JPEG tiles, on the CPU or the GPU) register beside it and
 ``open_tile_source(kind="auto")`` picks the fastest that can serve the slide.
 """
