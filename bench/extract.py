@@ -28,7 +28,8 @@ from score import real_tiles  # noqa: E402
 
 from slidemil.features.extract import ExtractConfig, build_backbone_runner, prepare_backbone  # noqa: E402
 from slidemil.slide.synth import SynthConfig, make_cohort  # noqa: E402
-from slidemil.slide.tiling import TilingConfig, tile_slides  # noqa: E402
+from slidemil.slide.tiling import TilingConfig
+from slidemil.tile import tile_slides  # noqa: E402
 
 
 def model_only(args: argparse.Namespace, tiles, work: Path) -> float:

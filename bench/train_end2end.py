@@ -30,7 +30,8 @@ from slidemil.config import load_config
 from slidemil.slide.grid import TileSpec
 from slidemil.slide.store import read_h5
 from slidemil.slide.synth import SynthConfig, make_cohort
-from slidemil.slide.tiling import TilingConfig, tile_slides
+from slidemil.slide.tiling import TilingConfig
+from slidemil.tile import tile_slides
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.loop import EpochResult, Trainer
 from slidemil.trainer.run import run_training

@@ -8,11 +8,8 @@ beyond choosing settings that fit a laptop. Re-running resumes every step.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +18,6 @@ from typing import Any
 import pandas as pd
 
 from slidemil.atomic import atomic_path
-from slidemil.cli import command
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +47,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     from slidemil.exporter.export import ExportConfig, export_checkpoint
     from slidemil.features.extract import ExtractConfig, extract_features
     from slidemil.slide.synth import SynthConfig, make_cohort
-    from slidemil.slide.tiling import tile_slides
+    from slidemil.tile import tile_slides
     out = Path(out)
     times: dict[str, float] = {}
     start = time.perf_counter()
@@ -151,20 +147,3 @@ def format_table(fig: dict[str, Any]) -> str:
              f"model package                      : {fig['model_package']}",
              f"report (open in a browser)         : {fig['report']}", ""]
     return "\n".join(lines)
-
-
-def _options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("slidemil-demo"), help="output folder (slidemil-demo)")
-    p.add_argument("--quick", action="store_true", help="a smaller cohort and backbone (about 2 minutes)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-@command("demo", "run the whole pipeline on a built-in synthetic cohort", _options)
-def _run(args: argparse.Namespace) -> int:
-    cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    cfg = dataclasses.replace(cfg, seed=args.seed)
-    figures = run_demo(args.out, cfg)
-    sys.stdout.write(format_table(figures) + "\n")
-    from slidemil.atomic import write_json
-    write_json(args.out / "demo_summary.json", figures)
-    return 0

@@ -19,7 +19,8 @@ from slidemil.models.preprocess import UInt8Backbone
 from slidemil.slide.reader import open_slide
 from slidemil.slide.store import read_h5
 from slidemil.slide.table import SlideEntry
-from slidemil.slide.tiling import TilingConfig, tile_slides
+from slidemil.slide.tiling import TilingConfig
+from slidemil.tile import tile_slides
 
 
 @pytest.fixture(scope="module")

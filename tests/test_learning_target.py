@@ -21,7 +21,7 @@ from slidemil.config import load_config
 from slidemil.features.extract import ExtractConfig, extract_features
 from slidemil.slide.store import read_h5
 from slidemil.slide.synth import SynthConfig, make_cohort
-from slidemil.slide.tiling import tile_slides
+from slidemil.tile import tile_slides
 from slidemil.trainer.checkpoint import load_head
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.run import run_training

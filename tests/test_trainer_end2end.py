@@ -23,7 +23,8 @@ from slidemil.models.preprocess import UInt8Backbone
 from slidemil.models.weights import tensors_sha256
 from slidemil.slide.grid import TileSpec
 from slidemil.slide.synth import SynthConfig, make_cohort
-from slidemil.slide.tiling import TilingConfig, tile_slides
+from slidemil.slide.tiling import TilingConfig
+from slidemil.tile import tile_slides
 from slidemil.trainer.augment import augment_bags, augment_tiles, bag_generator, draw_params
 from slidemil.trainer.checkpoint import load_checkpoint_backbone, load_head, read_checkpoint_meta
 from slidemil.trainer.config import AugmentConfig, TrainConfig

@@ -48,7 +48,7 @@ def test_training_with_loader_workers_after_openvino(openvino_has_run: None, tmp
 
 
 def test_tiling_in_worker_processes_after_openvino(openvino_has_run: None, synth_cohort, tmp_path: Path) -> None:
-    from slidemil.slide.tiling import tile_slides
+    from slidemil.tile import tile_slides
 
     cohort, table = synth_cohort
     pooled = tile_slides(cohort / "slides", tmp_path / "pooled", workers=2)

@@ -1,34 +1,27 @@
-"""`slidemil tile`: tissue detection and a tile grid per slide, written as coords h5 files.
+"""The one place a slide becomes a grid of tiles: tissue detection, then the tile grid (``plan_tiles``).
 
-``plan_tiles`` is the one place a slide becomes a grid: the engine and feature extraction call it
-too, so that tiling never differs between training and scoring.
+``slidemil tile`` (:mod:`slidemil.tile`), feature extraction and the engine all call ``plan_tiles``, so
+that tiling never differs between training and scoring.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
-from slidemil.atomic import atomic_path, remove_temporaries_of
-from slidemil.batch import BatchLog, run_batch
-from slidemil.config import save_config
+from slidemil.atomic import atomic_path
 from slidemil.errors import NoTissueError
 from slidemil.slide.grid import TileGrid, TileSpec, make_grid
-from slidemil.slide.reader import SlideReader, open_slide
-from slidemil.slide.store import CoordsAttrs, is_complete, write_h5
-from slidemil.slide.table import SlideEntry, load_slides
+from slidemil.slide.reader import SlideReader
+from slidemil.slide.store import CoordsAttrs
 from slidemil.slide.tissue import TissueConfig, TissueMask, detect_tissue
 
 log = logging.getLogger(__name__)
 
-TILING_COLUMNS = ["slide_id", "status", "error", "n_tiles", "slide_mpp", "tissue_fraction", "tissue_coverage",
-                  "seconds"]
 LOW_COVERAGE = 0.9  # below this share of the detected tissue under tiles, a slide's tiling is warned about
 
 
@@ -92,26 +85,3 @@ def write_png(path: str | Path, rgb: np.ndarray) -> None:
 
 def coords_path(out_dir: str | Path, slide_id: str) -> Path:
     return Path(out_dir) / "coords" / f"{slide_id}.h5"
-
-
-def tile_slide(entry: SlideEntry, out_dir: Path, cfg: TilingConfig) -> dict[str, Any]:
-    """Tile one slide: ``coords/<id>.h5`` and ``masks/<id>.png``; returns its row for tiling.csv."""
-    for path in (coords_path(out_dir, entry.slide_id), out_dir / "masks" / f"{entry.slide_id}.png"):
-        remove_temporaries_of(path)  # left by a killed run
-    with open_slide(entry.path, mpp=entry.mpp, slide_id=entry.slide_id) as reader:
-        plan = plan_tiles(reader, cfg)
-    write_png(out_dir / "masks" / f"{entry.slide_id}.png", draw_tiling(plan))
-    write_h5(coords_path(out_dir, entry.slide_id), plan.grid.coords, plan.attrs)
-    return {"n_tiles": len(plan.grid), "slide_mpp": plan.grid.slide_mpp, "tissue_fraction": round(plan.tissue.fraction, 4),
-            "tissue_coverage": round(plan.grid.tissue_coverage, 4)}
-
-
-def tile_slides(slides: str | Path, out_dir: str | Path, cfg: TilingConfig = TilingConfig(),
-                slide_mpp: float | None = None, workers: int = 1) -> BatchLog:
-    """Tile every slide of a folder, glob or CSV into ``out_dir``; resumes, records failures."""
-    out = Path(out_dir)
-    entries = load_slides(slides, slide_mpp)
-    save_config(cfg, out / "tiling_config.json", slides=str(slides), slide_mpp=slide_mpp)
-    return run_batch(entries, functools.partial(tile_slide, out_dir=out, cfg=cfg),
-                     is_done=lambda e: is_complete(coords_path(out, e.slide_id)),
-                     log_path=out / "tiling.csv", columns=TILING_COLUMNS, desc="tile", workers=workers)

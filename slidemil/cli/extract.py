@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidemil.cli import (
+from slidemil.cli.common import (
+    Command,
     add_config_option,
     add_reading_options,
     add_tiling_options,
-    command,
     report_batch,
     tiling_overrides,
 )
@@ -35,7 +35,6 @@ def _options(p: argparse.ArgumentParser) -> None:
     add_config_option(p)
 
 
-@command("extract", "extract tile features of each slide into CLAM/TRIDENT-style h5 files", _options)
 def run(args: argparse.Namespace) -> int:
     from slidemil.config import load_config
     from slidemil.errors import ConfigError
@@ -51,3 +50,9 @@ def run(args: argparse.Namespace) -> int:
     batch = extract_features(args.slides, args.out, cfg, coords_dir=args.coords, slide_mpp=args.slide_mpp,
                              shard=args.shard)
     return report_batch(batch)
+
+
+COMMANDS = (
+    Command("extract", "extract tile features of each slide into CLAM/TRIDENT-style h5 files",
+            _options, run),
+)

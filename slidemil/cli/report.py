@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from slidemil.cli import command
+from slidemil.cli.common import Command
 
 log = logging.getLogger("slidemil")
 
@@ -22,7 +22,6 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the ROC, PR, confusion and reliability plots")
 
 
-@command("evaluate", "metrics with bootstrap confidence intervals of predictions against a label table", _evaluate_options)
 def _evaluate(args: argparse.Namespace) -> int:
     from slidemil.report.evaluate import evaluate_predictions
     result = evaluate_predictions(args.predictions, args.labels, args.out, by=args.by, n_boot=args.bootstrap,
@@ -39,9 +38,16 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
 
 
-@command("report", "static HTML report of a training run, k-fold run or scoring output", _report_options)
 def _report(args: argparse.Namespace) -> int:
     from slidemil.report.report import build_report
     index = build_report(args.folder, args.out, labels_csv=args.labels, n_boot=args.bootstrap, seed=args.seed)
     log.info("open %s", index.resolve().as_uri())
     return 0
+
+
+COMMANDS = (
+    Command("evaluate", "metrics with bootstrap confidence intervals of predictions against a label table",
+            _evaluate_options, _evaluate),
+    Command("report", "static HTML report of a training run, k-fold run or scoring output",
+            _report_options, _report),
+)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from slidemil.cli import add_config_option, command
+from slidemil.cli.common import Command, add_config_option
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -141,8 +141,6 @@ def load_train_config(args: argparse.Namespace) -> Any:
     return dataclasses.replace(cfg, data=data)
 
 
-@command("train", "train an attention-MIL head (or backbone + head, --mode end2end) on slide labels "
-         "(DDP under torchrun)", _train_options)
 def run(args: argparse.Namespace) -> int:
     from slidemil.trainer.run import run_training
     run_training(load_train_config(args), args.out, resume=args.resume)
@@ -153,9 +151,16 @@ def _summary_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="cross-validation run folder (with fold_<i>/)")
 
 
-@command("cv-summary", "write OUT/cv_summary.csv from the fold folders of a cross-validation run",
-         _summary_options)
 def summary(args: argparse.Namespace) -> int:
     from slidemil.trainer.cv import write_cv_summary
     write_cv_summary(args.out)
     return 0
+
+
+COMMANDS = (
+    Command("train", "train an attention-MIL head (or backbone + head, --mode end2end) on slide labels "
+         "(DDP under torchrun)",
+            _train_options, run),
+    Command("cv-summary", "write OUT/cv_summary.csv from the fold folders of a cross-validation run",
+            _summary_options, summary),
+)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from slidemil.cli import add_config_option, command
+from slidemil.cli.common import Command, add_config_option
 
 log = logging.getLogger("slidemil")
 
@@ -29,7 +29,6 @@ def _export_options(p: argparse.ArgumentParser) -> None:
     add_config_option(p)
 
 
-@command("export", "export a checkpoint as a model package (ONNX graphs, torch weights, manifest)", _export_options)
 def _export(args: argparse.Namespace) -> int:
     from slidemil.config import load_config
     from slidemil.exporter.export import ExportConfig, export_checkpoint
@@ -58,7 +57,6 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     add_config_option(p)
 
 
-@command("build-engine", "build TensorRT engines for this GPU into a model package", _engine_options)
 def _build_engine(args: argparse.Namespace) -> int:
     from slidemil.config import load_config
     from slidemil.exporter.package import read_manifest
@@ -89,7 +87,6 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
     _parity_option(p)
 
 
-@command("verify", "check a model package: schema, checksums, smoke inference, parity of a backend", _verify_options)
 def _verify(args: argparse.Namespace) -> int:
     from slidemil.atomic import write_json
     from slidemil.exporter.verify import ParityConfig, verify_package
@@ -119,7 +116,6 @@ def _quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-@command("quantize", "add an int8 OpenVINO backbone to a package, calibrated on your slides and checked", _quantize_options)
 def _quantize(args: argparse.Namespace) -> int:
     from slidemil.exporter.quantize import QuantizeConfig, quantize_package
     if args.parity_tiles is not None:
@@ -138,3 +134,15 @@ def _quantize(args: argparse.Namespace) -> int:
     log.info("int8 backbone added to %s: whole-slide |d prob| %.2e <= %.0e vs onnxruntime fp32, identical classes",
              pkg.root, parity["probabilities"]["max_abs"], parity["tolerance"])
     return 0
+
+
+COMMANDS = (
+    Command("export", "export a checkpoint as a model package (ONNX graphs, torch weights, manifest)",
+            _export_options, _export),
+    Command("build-engine", "build TensorRT engines for this GPU into a model package",
+            _engine_options, _build_engine),
+    Command("verify", "check a model package: schema, checksums, smoke inference, parity of a backend",
+            _verify_options, _verify),
+    Command("quantize", "add an int8 OpenVINO backbone to a package, calibrated on your slides and checked",
+            _quantize_options, _quantize),
+)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidemil.cli import add_config_option, add_reading_options, command
+from slidemil.cli.common import Command, add_config_option, add_reading_options
 
 
 def _options(p: argparse.ArgumentParser) -> None:
@@ -35,7 +35,6 @@ def _options(p: argparse.ArgumentParser) -> None:
     add_config_option(p)
 
 
-@command("score", "score slides with a model package: predictions, heatmaps, GeoJSON, top tiles", _options)
 def run(args: argparse.Namespace) -> int:
     from slidemil.config import load_config
     from slidemil.engine.score import ScoreConfig, score_slides
@@ -53,3 +52,9 @@ def run(args: argparse.Namespace) -> int:
         "%d slides (%d failed), %s tiles/s, %s slides/h -> %s", summary["slides"], summary["failures"],
         summary["tiles_per_s"], summary["slides_per_hour"], args.out)
     return 0
+
+
+COMMANDS = (
+    Command("score", "score slides with a model package: predictions, heatmaps, GeoJSON, top tiles",
+            _options, run),
+)
