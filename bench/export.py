@@ -4,7 +4,7 @@ Run by hand from the repository root: ``python bench/export.py [--backbone resne
 [--batch 32] [--batches 4] [--runs 5] [--threads 2] [--weights random|pretrained|FILE] [--out DIR]``.
 
 A checkpoint in the trainer's format (the backbone with its card and weights in ``backbone/``, a gated
-attention-MIL head) is written with :func:`slidemil.trainer.checkpoint.save_checkpoint` and exported
+attention-MIL head) is written with :func:`slidemil.artifacts.checkpoint.save_checkpoint` and exported
 with fp16 graphs, as ``slidemil export --fp16`` does (parity on real tiles of a synthetic slide,
 bags of 1, 500 and 20,000 tiles). Then, in one process and on the same real tiles, each runner is
 timed side by side, round-robin, ``--runs`` times over ``--batches`` batches of ``--batch`` tiles after
@@ -37,15 +37,15 @@ import numpy as np
 import torch
 
 from slidemil import config
+from slidemil.artifacts.checkpoint import save_checkpoint
+from slidemil.artifacts.package import Package, load_torch_models
 from slidemil.engine.runners import OnnxRuntimeRunner, TorchRunner
 from slidemil.exporter.export import ExportConfig, export_checkpoint
-from slidemil.exporter.package import Package, load_torch_models
 from slidemil.exporter.verify import parity_tiles
 from slidemil.models.backbones import create_backbone, save_backbone
 from slidemil.models.mil import HeadConfig, create_head
 from slidemil.slide.grid import TileSpec
 from slidemil.slide.tiling import TilingConfig
-from slidemil.trainer.checkpoint import save_checkpoint
 
 
 def make_checkpoint(root: Path, backbone_name: str, weights: str, tile_px: int) -> Path:

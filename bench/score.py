@@ -297,7 +297,7 @@ def main() -> None:
     if any(spec.precision == "int8" for spec in specs):  # calibrated on the cohort's slides, parity checked
         from slidemil.exporter.quantize import quantize_package
         quantize_package(work / "model", work / "cohort" / "slides")
-    from slidemil.exporter.package import load_package
+    from slidemil.artifacts.package import load_package
     tiling = load_package(work / "model").tiling
     tiles = real_tiles(next((work / "cohort" / "slides").glob("*.svs")), tiling, args.model_tiles)
     results = {str(s): {"model_only_tiles_per_s": [], "end_to_end_tiles_per_s": [], "efficiency": [], "peak_rss_mb": []}

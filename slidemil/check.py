@@ -132,7 +132,7 @@ def check_package(root: Path) -> Finding:
 
 def check_checkpoint(path: Path) -> Finding:
     """The record and weights of a checkpoint, and what export will need of it."""
-    from slidemil.trainer.checkpoint import checkpoint_base, load_weights, read_checkpoint
+    from slidemil.artifacts.checkpoint import checkpoint_base, load_weights, read_checkpoint
 
     base = checkpoint_base(path)
     try:
@@ -175,7 +175,7 @@ def check_tiling_record(path: Path) -> Finding:
 
 
 def _is_checkpoint(path: Path) -> bool:
-    from slidemil.trainer.checkpoint import checkpoint_base
+    from slidemil.artifacts.checkpoint import checkpoint_base
 
     if path.is_dir():
         return False

@@ -10,13 +10,13 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from slidemil.artifacts.tiling_record import coords_path, write_tiling_record
 from slidemil.atomic import remove_temporaries_of
 from slidemil.batch import BatchLog, run_batch
-from slidemil.config import save_config
 from slidemil.slide.reader import open_slide
 from slidemil.slide.store import is_complete, write_h5
 from slidemil.slide.table import SlideEntry, load_slides
-from slidemil.slide.tiling import TilingConfig, coords_path, draw_tiling, plan_tiles, write_png
+from slidemil.slide.tiling import TilingConfig, draw_tiling, plan_tiles, write_png
 
 TILING_COLUMNS = ["slide_id", "status", "error", "n_tiles", "slide_mpp", "tissue_fraction", "tissue_coverage",
                   "seconds"]
@@ -40,7 +40,7 @@ def tile_slides(slides: str | Path, out_dir: str | Path, cfg: TilingConfig | Non
     cfg = cfg or TilingConfig()
     out = Path(out_dir)
     entries = load_slides(slides, slide_mpp)
-    save_config(cfg, out / "tiling_config.json", slides=str(slides), slide_mpp=slide_mpp)
+    write_tiling_record(out, cfg, slides=str(slides), slide_mpp=slide_mpp)
     return run_batch(entries, functools.partial(tile_slide, out_dir=out, cfg=cfg),
                      is_done=lambda e: is_complete(coords_path(out, e.slide_id)),
                      log_path=out / "tiling.csv", columns=TILING_COLUMNS, desc="tile", workers=workers)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slidemil.artifacts.checkpoint import save_checkpoint
 from slidemil.config import to_dict
 from slidemil.exporter.export import ExportConfig, export_checkpoint
 from slidemil.models.backbones import create_backbone, save_backbone
@@ -21,7 +22,6 @@ from slidemil.models.preprocess import UInt8Backbone
 from slidemil.slide.reader import open_slide
 from slidemil.slide.synth import SlideTruth, write_slide
 from slidemil.slide.tiling import TilingConfig, plan_tiles
-from slidemil.trainer.checkpoint import save_checkpoint
 
 TILING = TilingConfig()
 

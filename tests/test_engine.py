@@ -137,8 +137,8 @@ def _other_member(model_dir: Path, root: Path) -> Path:
     its attention scores are turned around and perturbed (so its normalised attention differs from the
     first's, and not by an affine map) and its classifier is biased towards "normal" (so its
     probabilities differ)."""
+    from slidemil.artifacts.checkpoint import load_weights, save_checkpoint
     from slidemil.exporter.export import ExportConfig, export_checkpoint
-    from slidemil.trainer.checkpoint import load_weights, save_checkpoint
 
     run = model_dir.parent / "run"
     shutil.copytree(run / "backbone", root / "run" / "backbone")

@@ -13,23 +13,23 @@ import pytest
 import torch
 
 from slidemil import config
-from slidemil.cli import main
-from slidemil.errors import ExportError, PackageError
-from slidemil.exporter.export import ExportConfig, export_checkpoint
-from slidemil.exporter.package import (
+from slidemil.artifacts.checkpoint import save_checkpoint
+from slidemil.artifacts.package import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
     load_package,
     load_torch_models,
     sha256_file,
 )
+from slidemil.cli import main
+from slidemil.errors import ExportError, PackageError
+from slidemil.exporter.export import ExportConfig, export_checkpoint
 from slidemil.exporter.verify import ParityConfig, parity_tiles, verify_package
 from slidemil.models.backbones import create_backbone, save_backbone
 from slidemil.models.mil import BagHead, HeadConfig, create_head
 from slidemil.models.preprocess import UInt8Backbone
 from slidemil.slide.grid import TileSpec
 from slidemil.slide.tiling import TilingConfig
-from slidemil.trainer.checkpoint import save_checkpoint
 
 TILE_PX = 64
 CLASSES = ["normal", "tumour"]

@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
+from slidemil.artifacts.tiling_record import load_tiling
 from slidemil.cli import main
 from slidemil.engine.pipeline import PipelineConfig, TilePipeline
-from slidemil.features.extract import ExtractConfig, extract_features, load_tiling
+from slidemil.features.extract import ExtractConfig, extract_features
 from slidemil.models.backbones import create_backbone, load_backbone
 from slidemil.models.preprocess import UInt8Backbone
 from slidemil.slide.reader import open_slide

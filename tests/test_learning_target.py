@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 import torch
 
+from slidemil.artifacts.checkpoint import load_head
 from slidemil.config import load_config
 from slidemil.features.extract import ExtractConfig, extract_features
 from slidemil.slide.store import read_h5
 from slidemil.slide.synth import SynthConfig, make_cohort
 from slidemil.tile import tile_slides
-from slidemil.trainer.checkpoint import load_head
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.run import run_training
 

@@ -16,11 +16,11 @@ from scipy.stats import spearmanr
 pytest.importorskip("openvino", reason="openvino is not installed")
 pytest.importorskip("nncf", reason="nncf is not installed (pip install 'slidemil[quantize]')")
 
+from slidemil.artifacts.package import load_package, write_manifest  # noqa: E402
 from slidemil.cli import main  # noqa: E402
 from slidemil.engine.score import ScoreConfig, score_slides  # noqa: E402
 from slidemil.errors import ConfigError, ExportError, PackageError  # noqa: E402
 from slidemil.exporter import quantize  # noqa: E402
-from slidemil.exporter.package import load_package, write_manifest  # noqa: E402
 from slidemil.exporter.quantize import PlannedSlide, QuantizeConfig, quantize_package  # noqa: E402
 from slidemil.exporter.verify import ParityConfig  # noqa: E402
 from slidemil.slide.table import SlideEntry  # noqa: E402
@@ -210,8 +210,8 @@ def _sharpen_head(root, scale: float, boundary: float) -> None:
     import torch
     from safetensors.torch import save_file
 
+    from slidemil.artifacts.package import HEAD_WEIGHTS_FILE, load_torch_models
     from slidemil.exporter.onnx import export_head
-    from slidemil.exporter.package import HEAD_WEIGHTS_FILE, load_torch_models
 
     pkg = load_package(root)
     _, bag_head = load_torch_models(pkg)

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slidemil.artifacts.package import load_package, write_manifest
 from slidemil.cli import main
 from slidemil.engine.runners import RUNNERS
 from slidemil.engine.tensorrt_runner import TensorRTRunner
 from slidemil.errors import BackendUnavailableError, ConfigError
 from slidemil.exporter.export import ExportConfig, export_checkpoint
-from slidemil.exporter.package import load_package, write_manifest
 from slidemil.exporter.tensorrt import TensorRTConfig, build_package_engines, optimisation_profiles
 from slidemil.exporter.verify import ParityConfig, smoke_test, verify_package
 from tests.test_exporter import QUICK, TILE_PX, make_checkpoint

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
+from slidemil.artifacts.checkpoint import load_head, read_checkpoint_meta
 from slidemil.slide.store import read_h5
-from slidemil.trainer.checkpoint import load_head, read_checkpoint_meta
 from slidemil.trainer.run import run_training
 from tests.trainer_fixtures import fast_config, make_feature_cohort
 

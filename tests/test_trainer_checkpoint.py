@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from slidemil.artifacts import checkpoint as ckpt
 from slidemil.errors import CheckpointError
 from slidemil.models.backbones import create_backbone, save_backbone, state_dict_sha256
 from slidemil.models.mil import HeadConfig, create_head
-from slidemil.trainer import checkpoint as ckpt
 
 
 def _meta(head_cfg: HeadConfig, card: dict | None = None, weights: str | None = None) -> dict:  # type: ignore[type-arg]

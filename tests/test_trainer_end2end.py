@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from slidemil.artifacts.checkpoint import load_checkpoint_backbone, load_head, read_checkpoint_meta
 from slidemil.config import load_config
 from slidemil.errors import ConfigError
 from slidemil.models.backbones import create_backbone, load_backbone, state_dict_sha256
@@ -26,7 +27,6 @@ from slidemil.slide.synth import SynthConfig, make_cohort
 from slidemil.slide.tiling import TilingConfig
 from slidemil.tile import tile_slides
 from slidemil.trainer.augment import augment_bags, augment_tiles, bag_generator, draw_params
-from slidemil.trainer.checkpoint import load_checkpoint_backbone, load_head, read_checkpoint_meta
 from slidemil.trainer.config import AugmentConfig, TrainConfig
 from slidemil.trainer.end2end import enable_grad_checkpointing, freeze
 from slidemil.trainer.loop import EpochResult, Trainer

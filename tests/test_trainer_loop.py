@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from slidemil.artifacts.checkpoint import load_head, load_training_state, read_checkpoint_meta
 from slidemil.cli import main
 from slidemil.errors import ConfigError
-from slidemil.trainer.checkpoint import load_head, load_training_state, read_checkpoint_meta
 from slidemil.trainer.loop import EpochResult, Trainer
 from slidemil.trainer.run import run_training
 from tests.trainer_fixtures import assert_same_metrics, fast_config, make_feature_cohort
@@ -252,7 +252,7 @@ def test_sigterm_waits_for_the_checkpoint(tmp_path: Path) -> None:
     import os
     import signal
 
-    from slidemil.trainer.checkpoint import deferred_termination
+    from slidemil.artifacts.checkpoint import deferred_termination
 
     got: list[int] = []
     old = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))

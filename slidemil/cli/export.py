@@ -58,8 +58,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
 
 
 def _build_engine(args: argparse.Namespace) -> int:
+    from slidemil.artifacts.package import read_manifest
     from slidemil.config import load_config
-    from slidemil.exporter.package import read_manifest
     from slidemil.exporter.tensorrt import TensorRTConfig, build_package_engines
     from slidemil.exporter.verify import ParityConfig
     precisions = [p for p, on in (("fp16", args.fp16), ("fp32", args.fp32)) if on]

@@ -85,7 +85,7 @@ def _openvino(package: Any, s: RunnerSettings) -> RunnerPair:
 
 @builder("torch")
 def _torch(package: Any, s: RunnerSettings) -> RunnerPair:
-    from slidemil.exporter.package import load_torch_models
+    from slidemil.artifacts.package import load_torch_models
     backbone, head = load_torch_models(package)
     return (TorchRunner(backbone, ["tiles"], ["features"], device=s.device, precision=s.precision,
                         compile=s.torch_compile),
@@ -114,7 +114,7 @@ def open_models(model_dirs: Sequence[str | Path], backend: str = "auto", device:
 
     ``torch_compile`` applies to the torch backend only (see ``TorchRunner``).
     """
-    from slidemil.exporter.package import load_package
+    from slidemil.artifacts.package import load_package
     if not model_dirs:
         raise ConfigError("give at least one model package (MODEL_DIR or --model)")
     device = resolve_device(device)

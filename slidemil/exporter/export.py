@@ -23,11 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slidemil import config
-from slidemil.atomic import TMP_MARK, atomic_path, write_json
-from slidemil.engine.runners import OnnxRuntimeRunner, TorchRunner
-from slidemil.errors import ConfigError, ExportError
-from slidemil.exporter.onnx import DEFAULT_OPSET, HEAD_OUTPUTS, export_backbone, export_head
-from slidemil.exporter.package import (
+from slidemil.artifacts.checkpoint import Checkpoint
+from slidemil.artifacts.package import (
     HEAD_CONFIG_FILE,
     HEAD_WEIGHTS_FILE,
     SCHEMA_VERSION,
@@ -43,6 +40,10 @@ from slidemil.exporter.package import (
     utc_now,
     write_manifest,
 )
+from slidemil.atomic import TMP_MARK, atomic_path, write_json
+from slidemil.engine.runners import OnnxRuntimeRunner, TorchRunner
+from slidemil.errors import ConfigError, ExportError
+from slidemil.exporter.onnx import DEFAULT_OPSET, HEAD_OUTPUTS, export_backbone, export_head
 from slidemil.exporter.verify import (
     FIDELITY_TARGET,
     ParityConfig,
@@ -117,18 +118,17 @@ def load_source(checkpoint: str | Path) -> ExportSource:
             names do not fit the head.
         CheckpointError, WeightsError: from the checkpoint reader.
     """
-    from slidemil.trainer.checkpoint import load_checkpoint_backbone, load_head, read_checkpoint
-
-    record = read_checkpoint(checkpoint)
+    ckpt = Checkpoint.open(checkpoint)  # the record and the weights are each read once
+    record = ckpt.record
     checkpoint, meta = record.base, record.raw
     recorded = record.require_backbone()
     tiling = record.require_tiling()
     folder_card = checkpoint.parent / BACKBONE_FOLDER / CARD_FILE
     if record.backbone_weights != "inside" and folder_card.is_file():
         _same_backbone(json.loads(folder_card.read_text()).get("weights_sha256"), recorded, str(folder_card))
-    backbone, card = load_checkpoint_backbone(checkpoint)
+    backbone, card = ckpt.backbone()
     _same_backbone(state_dict_sha256(backbone), recorded, f"the backbone weights loaded for {checkpoint.name}")
-    head, _ = load_head(checkpoint)
+    head = ckpt.head()
     if record.head_config.in_dim != card.feature_dim:
         raise ExportError(f"{checkpoint.name}: the head takes {record.head_config.in_dim}-d features but the backbone "
                           f"it records ({card.name}) gives {card.feature_dim}-d ones; the features it was trained on "

@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from slidemil.artifacts.package import Package, library_versions, load_package, write_manifest
 from slidemil.atomic import TMP_MARK
 from slidemil.engine.runners import Runner
 from slidemil.errors import BackendUnavailableError, ConfigError, ExportError, SlidemilError
-from slidemil.exporter.package import Package, library_versions, load_package, write_manifest
 from slidemil.exporter.verify import (
     ParityConfig,
     RunnerPair,

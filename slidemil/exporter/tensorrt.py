@@ -20,16 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from slidemil.atomic import TMP_MARK, atomic_path, write_bytes
-from slidemil.engine.tensorrt_runner import TensorRTRunner, device_info, import_tensorrt
-from slidemil.errors import ConfigError, ExportError
-from slidemil.exporter.package import (
+from slidemil.artifacts.package import (
     Package,
     engine_file,
     graph_file,
     load_package,
     write_manifest,
 )
+from slidemil.atomic import TMP_MARK, atomic_path, write_bytes
+from slidemil.engine.tensorrt_runner import TensorRTRunner, device_info, import_tensorrt
+from slidemil.errors import ConfigError, ExportError
 from slidemil.exporter.verify import (
     ParityConfig,
     RunnerPair,

@@ -33,10 +33,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from slidemil.artifacts.package import Package, load_package
 from slidemil.engine.runners import Runner
 from slidemil.errors import BackendUnavailableError, ExportError
 from slidemil.exporter.onnx import HEAD_OUTPUTS
-from slidemil.exporter.package import Package, load_package
 from slidemil.slide.tiling import TilingConfig
 
 log = logging.getLogger(__name__)
@@ -283,8 +283,8 @@ def summary(figures: dict[str, Any]) -> str:
 def open_runners(pkg: Package, backend: str, precision: str = "fp32", device: str = "cpu") -> RunnerPair:
     """The package's backbone and head on ``backend`` (torch, onnxruntime, openvino, tensorrt)."""
     if backend == "torch":
+        from slidemil.artifacts.package import load_torch_models
         from slidemil.engine.runners import TorchRunner
-        from slidemil.exporter.package import load_torch_models
         backbone, head = load_torch_models(pkg)
         return RunnerPair(TorchRunner(backbone, ["tiles"], ["features"], device=device, precision=precision),
                           TorchRunner(head, ["features"], HEAD_OUTPUTS, device=device, precision=precision,

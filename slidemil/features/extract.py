@@ -7,7 +7,6 @@ trained on these features can only be exported with that same backbone.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -18,24 +17,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from slidemil.atomic import remove_temporaries_of, write_text
+from slidemil.artifacts.features_folder import BACKBONE_DIR, features_path, record_backbone
+from slidemil.artifacts.tiling_record import copy_tiling_record, find_coords, load_tiling
+from slidemil.atomic import remove_temporaries_of
 from slidemil.batch import BatchLog
-from slidemil.config import from_dict, save_config
+from slidemil.config import save_config
 from slidemil.engine.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
 from slidemil.engine.runners import Runner, TorchRunner, choose_backend, resolve_device
 from slidemil.errors import ConfigError, SlidemilError
-from slidemil.models.backbones import BackboneCard, create_backbone, save_backbone
+from slidemil.models.backbones import BackboneCard, create_backbone
 from slidemil.models.preprocess import UInt8Backbone
 from slidemil.slide.grid import grid_from_coords
 from slidemil.slide.sources import prepare_tile_sources
 from slidemil.slide.store import is_complete, read_h5, write_h5
 from slidemil.slide.table import SlideEntry, load_slides, select_shard
-from slidemil.slide.tiling import TilePlan, TilingConfig, coords_path
+from slidemil.slide.tiling import TilePlan, TilingConfig
 
 log = logging.getLogger(__name__)
 
 EXTRACT_COLUMNS = ["slide_id", "status", "error", "n_tiles", "seconds", "tiles_per_s"]
-BACKBONE_DIR = "backbone"
 
 
 @dataclass(frozen=True)
@@ -54,32 +54,15 @@ class ExtractConfig:
     tiling: TilingConfig = field(default_factory=TilingConfig)
 
 
-def features_path(out_dir: str | Path, slide_id: str) -> Path:
-    return Path(out_dir) / "features" / f"{slide_id}.h5"
-
-
 def prepare_backbone(cfg: ExtractConfig, out_dir: Path) -> tuple[UInt8Backbone, BackboneCard]:
     """Build (or load from a checkpoint) the backbone and record it in ``out_dir/backbone``."""
     if cfg.checkpoint:
-        from slidemil.trainer.checkpoint import load_checkpoint_backbone
+        from slidemil.artifacts.checkpoint import load_checkpoint_backbone
         model, card = load_checkpoint_backbone(cfg.checkpoint)
     else:
         torch.manual_seed(cfg.seed)  # random weights are then the same in every shard of an array job
         model, card = create_backbone(cfg.backbone, cfg.weights)
-    folder = out_dir / BACKBONE_DIR
-    existing = folder / "backbone_card.json"
-    if existing.is_file():
-        old = json.loads(existing.read_text())
-        if old.get("weights_sha256") != card.weights_sha256:
-            raise ConfigError(f"{out_dir} already holds features of backbone {old.get('name')} "
-                              f"(sha256 {str(old.get('weights_sha256'))[:12]}...); use a new --out folder "
-                              "or the same backbone and weights")
-    refetchable = card.weights_source.startswith(("timm-pretrained", "hf-hub:"))
-    if refetchable:
-        from slidemil.atomic import write_json
-        write_json(existing, card.to_dict())
-    else:
-        card = save_backbone(model, card, folder)
+    card = record_backbone(out_dir, model, card)
     return UInt8Backbone(model, card).eval(), card
 
 
@@ -112,10 +95,7 @@ def build_backbone_runner(module: nn.Module, card: BackboneCard, backend: str, d
 def plan_from_coords(coords_dir: Path) -> Any:
     """A planner that reads a slide's grid from ``coords_dir/coords/<id>.h5`` (``slidemil tile``'s output)."""
     def plan(entry: SlideEntry) -> TilePlan:
-        path = coords_path(coords_dir, entry.slide_id)
-        if not path.is_file():
-            path = Path(coords_dir) / f"{entry.slide_id}.h5"
-        bag = read_h5(path, load_features=False)
+        bag = read_h5(find_coords(coords_dir, entry.slide_id), load_features=False)
         a = bag.attrs
         grid = grid_from_coords(bag.coords, a.patch_size_level0, a.stride_level0, (a.level0_width, a.level0_height),
                                 a.slide_mpp)
@@ -135,7 +115,7 @@ def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig
         cfg = replace(cfg, tiling=load_tiling(coords_dir))
     module, card = prepare_backbone(cfg, out)
     save_config(cfg, out / "extract_config.json", slides=str(slides), coords=str(coords_dir), backbone_card=card.to_dict())
-    record_tiling(out, cfg.tiling, coords_dir)
+    copy_tiling_record(coords_dir, out, cfg.tiling)
     batch = BatchLog(out / "extraction.csv", EXTRACT_COLUMNS)
     todo = [e for e in entries if not (is_complete(features_path(out, e.slide_id), need_features=True)
                                        and (batch.get(e.slide_id) or {}).get("status") == "ok")]
@@ -158,32 +138,8 @@ def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig
     return batch
 
 
-def record_tiling(out: Path, tiling: TilingConfig, coords_dir: str | Path | None) -> None:
-    """Write ``out/tiling_config.json``: the tiling the features came from (the trainer and exporter read it)."""
-    source = Path(coords_dir) / "tiling_config.json" if coords_dir is not None else None
-    if source is not None and source.is_file():
-        write_text(out / "tiling_config.json", source.read_text())
-    elif source is None:
-        save_config(tiling, out / "tiling_config.json")
-    else:
-        log.warning("%s has no tiling_config.json; the tiling of these features is unrecorded", coords_dir)
-
-
-def load_tiling(features_dir: str | Path) -> TilingConfig:
-    """The tiling recorded beside features (defaults, with a warning, when unrecorded)."""
-    path = Path(features_dir) / "tiling_config.json"
-    if not path.is_file():
-        log.warning("%s: no tiling_config.json; assuming default tiling settings", features_dir)
-        return TilingConfig()
-    try:
-        return from_dict(TilingConfig, json.loads(path.read_text())["config"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a tiling record ({exc}); re-run `slidemil tile` (or `slidemil extract "
-                          "--tile`) to write it again") from exc
-
-
 def _has_coords(coords_dir: Path, slide_id: str) -> bool:
-    return coords_path(coords_dir, slide_id).is_file() or (coords_dir / f"{slide_id}.h5").is_file()
+    return find_coords(coords_dir, slide_id).is_file()
 
 
 def _extract_one(stream: SlideStream, runner: Runner, card: BackboneCard, out: Path,

@@ -81,7 +81,3 @@ def write_png(path: str | Path, rgb: np.ndarray) -> None:
         raise OSError(f"PNG encoding failed for {path}")
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.tobytes())
-
-
-def coords_path(out_dir: str | Path, slide_id: str) -> Path:
-    return Path(out_dir) / "coords" / f"{slide_id}.h5"

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from slidemil.artifacts import checkpoint as ckpt
 from slidemil.report.calibration import apply_temperature, fit_temperature, nll
-from slidemil.trainer import checkpoint as ckpt
 from slidemil.trainer.metrics import compute_metrics
 
 if TYPE_CHECKING:

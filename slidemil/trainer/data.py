@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from slidemil.artifacts.features_folder import FeaturesFolder
 from slidemil.errors import LabelTableError
 from slidemil.trainer.splits import SPLIT_NAMES
 
@@ -147,13 +148,6 @@ def check_classes(table: LabelTable, problems: list[str], where: str = "the tabl
 
 # --- feature files -------------------------------------------------------------------------------
 
-def feature_file(features_dir: str | Path, slide_id: str) -> Path:
-    """``DIR/features/<slide_id>.h5`` (``slidemil extract``'s layout), else ``DIR/<slide_id>.h5``."""
-    nested = Path(features_dir) / "features" / f"{slide_id}.h5"
-    flat = Path(features_dir) / f"{slide_id}.h5"
-    return flat if not nested.is_file() and flat.is_file() else nested
-
-
 @dataclass(frozen=True)
 class FeatureIndex:
     """What validation learned about each slide's feature file."""
@@ -163,7 +157,7 @@ class FeatureIndex:
     feature_dim: int
 
 
-def check_feature_files(slide_ids: Sequence[str], features_dir: str | Path, skip_missing: bool,
+def check_feature_files(slide_ids: Sequence[str], folder: FeaturesFolder, skip_missing: bool,
                         expected_sha256: str | None, problems: list[str]) -> FeatureIndex:
     """Look at every slide's feature file (attributes and shapes, not the data).
 
@@ -177,7 +171,7 @@ def check_feature_files(slide_ids: Sequence[str], features_dir: str | Path, skip
                                  "from another backbone": []}
     paths, n_tiles, dims = {}, {}, {}
     for sid in slide_ids:
-        path = feature_file(features_dir, sid)
+        path = folder.feature_file(sid)
         if not path.is_file():
             bad["missing"].append(sid)
             continue
@@ -197,7 +191,7 @@ def check_feature_files(slide_ids: Sequence[str], features_dir: str | Path, skip
             with h5py.File(path, "r") as f:
                 dims[sid] = int(f["features"].shape[1])
             paths[sid], n_tiles[sid] = path, len(bag.coords)
-    _report_feature_problems(bad, Path(features_dir), skip_missing, problems)
+    _report_feature_problems(bad, folder.h5, skip_missing, problems)
     by_dim = pd.Series(dims, dtype=np.int64)
     if by_dim.nunique() > 1:
         groups = {int(d): _listed(by_dim.index[by_dim == d].tolist()) for d in sorted(by_dim.unique())}

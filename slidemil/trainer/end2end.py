@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from slidemil import config as _config
+from slidemil.artifacts.tiling_record import load_tiling
 from slidemil.errors import ConfigError
 from slidemil.models.backbones import BackboneCard, backbone_spec, create_backbone, timm_core
 from slidemil.models.mil import AttentionMIL, MILOutput
@@ -218,7 +219,6 @@ class End2EndMode:
         if not coords_dir.is_dir():
             raise ConfigError(f"coords folder {coords_dir} does not exist")
         backbone_spec(cfg.backbone.name)  # an unknown name fails before any data is looked at
-        from slidemil.features.extract import load_tiling
         tiling = load_tiling(coords_dir)
         labels, problems = read_label_table(d.metadata, d.class_names)
         entries = slide_entries(labels.table, d.metadata, d.slides, coords_dir)

@@ -25,11 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from slidemil.artifacts import checkpoint as ckpt
 from slidemil.atomic import atomic_path, write_json
 from slidemil.config import config_changes, save_config
 from slidemil.errors import ConfigError
 from slidemil.processes import worker_context
-from slidemil.trainer import checkpoint as ckpt
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.data import BagDataset, EpochSampler, collate_bags
 from slidemil.trainer.distributed import (

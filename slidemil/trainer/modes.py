@@ -10,7 +10,6 @@ checkpoints, metrics and DDP are shared.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,8 +22,8 @@ import torch
 from torch import nn
 
 from slidemil import config as _config
+from slidemil.artifacts.features_folder import resolve_features_folder
 from slidemil.errors import ConfigError
-from slidemil.models.backbones import CARD_FILE, WEIGHTS_FILE, BackboneCard
 from slidemil.models.mil import AttentionMIL, HeadConfig, MILOutput, create_head
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.data import (
@@ -41,7 +40,6 @@ from slidemil.trainer.distributed import DistContext, all_reduce_sum, shard
 
 log = logging.getLogger(__name__)
 
-REFETCHABLE = ("timm-pretrained", "hf-hub:")  # weights sources fetched again by name
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,7 @@ class MILModel(nn.Module):
 
     ``state_dict()`` is the exact training state (saved for resume); ``checkpoint_state()`` is what
     the checkpoint's ``.safetensors`` holds (keys ``head.*`` [+ ``backbone.*``]) and what
-    :func:`slidemil.trainer.checkpoint.load_head` gives back.
+    :func:`slidemil.artifacts.checkpoint.load_head` gives back.
     """
 
     def prepare(self, train: BagDataset, ctx: DistContext) -> None:
@@ -227,53 +225,6 @@ def build_head(cfg: TrainConfig, in_dim: int, n_classes: int) -> AttentionMIL:
                                   attention_dim=m.attention_dim, dropout=m.dropout))
 
 
-@dataclass(frozen=True)
-class FeaturesFolder:
-    """Where a features run keeps its records (``backbone/``, ``tiling_config.json``) and its h5 files."""
-
-    records: Path
-    h5: Path
-
-
-def resolve_features_folder(path: Path) -> FeaturesFolder:
-    """The features folder of ``path``: the folder ``slidemil extract`` wrote, or its h5 folder.
-
-    Users of CLAM point at ``h5_files/``; given ``FEAT/features`` (or any folder of h5 files without
-    records of its own), the backbone card and tiling are read from the folder beside it.
-    """
-    has_records = (path / "backbone").is_dir() or (path / "tiling_config.json").is_file()
-    parent = path.parent
-    if not has_records and ((parent / "backbone" / CARD_FILE).is_file() or (parent / "tiling_config.json").is_file()):
-        log.info("%s is an h5 folder: reading the backbone and tiling records of %s", path, parent)
-        return FeaturesFolder(records=parent, h5=path)
-    return FeaturesFolder(records=path, h5=path)
-
-
-def read_features_card(features_dir: Path) -> tuple[BackboneCard | None, str | None]:
-    """The backbone card of a features folder and where its weights are ("backbone/" or "refetch")."""
-    card_path = features_dir / "backbone" / CARD_FILE
-    if not card_path.is_file():
-        log.warning("%s has no backbone/%s: the checkpoints will not record the backbone, and the "
-                    "exporter will refuse them; extract features with `slidemil extract`", features_dir, CARD_FILE)
-        return None, None
-    card = BackboneCard.from_dict(json.loads(card_path.read_text()))
-    if card.weights_source.startswith(REFETCHABLE):
-        return card, "refetch"
-    if not (features_dir / "backbone" / WEIGHTS_FILE).is_file():
-        raise ConfigError(f"{features_dir}/backbone has the card of {card.name!r} (weights {card.weights_source}) "
-                          f"but not {WEIGHTS_FILE}; re-run `slidemil extract` into a new folder")
-    return card, "backbone/"
-
-
-def tiling_record(features_dir: Path) -> dict[str, Any] | None:
-    """``to_dict(TilingConfig)`` recorded beside the features (None when unrecorded)."""
-    if not (features_dir / "tiling_config.json").is_file():
-        log.warning("%s has no tiling_config.json: the checkpoints will not record the tiling", features_dir)
-        return None
-    from slidemil.features.extract import load_tiling
-    return _config.to_dict(load_tiling(features_dir))
-
-
 @register_mode("features")
 class FeaturesMode:
     """Train the attention-MIL head on features cached by ``slidemil extract``."""
@@ -285,9 +236,9 @@ class FeaturesMode:
         if not Path(d.features).is_dir():
             raise ConfigError(f"features folder {d.features} does not exist")
         folder = resolve_features_folder(Path(d.features))
-        card, weights = read_features_card(folder.records)
+        card, weights = folder.backbone()
         labels, problems = read_label_table(d.metadata, d.class_names)
-        index = check_feature_files(labels.table.index.tolist(), folder.h5, d.skip_missing,
+        index = check_feature_files(labels.table.index.tolist(), folder, d.skip_missing,
                                     card.weights_sha256 if card else None, problems)
         if card is not None and index.feature_dim and index.feature_dim != card.feature_dim:
             problems.append(f"the feature files are {index.feature_dim}-d but {folder.records}/backbone records "
@@ -303,10 +254,10 @@ class FeaturesMode:
                  n_tiles.min(), n_tiles.max(), int(np.median(n_tiles)))
         return Cohort(labels, index.paths, index.feature_dim,
                       extra={"backbone_card": card, "backbone_weights": weights, "features_folder": folder,
-                             "tiling": tiling_record(folder.records)})
+                             "tiling": _config.to_dict(tiling) if (tiling := folder.tiling()) else None})
 
     def build_task(self, cfg: TrainConfig, cohort: Cohort, split: pd.Series) -> TrainingTask:
-        features_dir = cohort.extra["features_folder"].records
+        folder = cohort.extra["features_folder"]
         card, weights = cohort.extra["backbone_card"], cohort.extra["backbone_weights"]
         head = build_head(cfg, cohort.in_dim, len(cohort.class_names))
         datasets = {}
@@ -320,4 +271,4 @@ class FeaturesMode:
                 "backbone_card": card.to_dict() if card else None, "backbone_weights": weights,
                 "tiling": cohort.extra["tiling"]}
         return TrainingTask(FeatureMIL(head, cfg.model.standardize), datasets, meta,
-                            backbone_dir=features_dir / "backbone" if card else None)
+                            backbone_dir=folder.backbone_dir if card else None)

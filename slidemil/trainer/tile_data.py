@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from slidemil.artifacts.tiling_record import find_coords
 from slidemil.errors import ConfigError, LabelTableError, StoreError
 from slidemil.slide.reader import SlideReader, open_slide
 from slidemil.slide.store import read_h5
 from slidemil.slide.table import SlideEntry, load_slides
-from slidemil.slide.tiling import coords_path
 from slidemil.trainer.data import Bag, BagDataset, _listed, subsample
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,7 @@ def check_tile_sources(slide_ids: Sequence[str], coords_dir: Path, entries: dict
     sources, n_tiles, sizes = {}, {}, {}
     for sid in slide_ids:
         entry = entries.get(sid)
-        path = coords_path(coords_dir, sid)
-        path = path if path.is_file() or not (coords_dir / f"{sid}.h5").is_file() else coords_dir / f"{sid}.h5"
+        path = find_coords(coords_dir, sid)
         if entry is None or not entry.path.is_file():
             bad["no slide file"].append(sid if entry is None else f"{sid} ({entry.path})")
             continue

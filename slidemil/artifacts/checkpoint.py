@@ -244,16 +244,79 @@ def read_checkpoint(path: str | Path) -> CheckpointRecord:
         tiling=parsed("tiling", lambda d: config.from_dict(TilingConfig, d)), raw=meta)
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Weights and record of a checkpoint, with the weights' sha256 checked against the record."""
-    base = checkpoint_base(path)
-    meta = read_checkpoint_meta(base)
-    weights = base.with_name(base.name + ".safetensors")
-    _check_file(weights, meta["files"].get(weights.name), base)
-    try:
-        return load_file(str(weights), device="cpu"), meta
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights} cannot be read ({exc})") from exc
+class Checkpoint:
+    """A checkpoint opened once: its checked record, and its weights read on first use (sha256 checked).
+
+    ``head()`` and ``backbone()`` build the models from the one read of each file, so an export reads
+    the JSON and the weights once.
+    """
+
+    def __init__(self, record: CheckpointRecord) -> None:
+        self.record = record
+        self._weights: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        """Read and check the record of checkpoint ``path`` (see :func:`read_checkpoint`)."""
+        return cls(read_checkpoint(path))
+
+    @property
+    def base(self) -> Path:
+        return self.record.base
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """``NAME.safetensors`` (keys ``head.*`` and ``backbone.*``), its sha256 checked against the record."""
+        if self._weights is None:
+            path = self.base.with_name(self.base.name + ".safetensors")
+            _check_file(path, self.record.raw["files"].get(path.name), self.base)
+            try:
+                self._weights = load_file(str(path), device="cpu")
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{path} cannot be read ({exc})") from exc
+        return self._weights
+
+    def head(self) -> AttentionMIL:
+        """The trained attention-MIL head (eval mode)."""
+        head = create_head(self.record.head_config)
+        state = {k[len("head."):]: v for k, v in self.weights().items() if k.startswith("head.")}
+        try:
+            head.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.base}: weights do not fit the recorded head_config ({exc})") from exc
+        return head.eval()
+
+    def backbone(self) -> tuple[nn.Module, BackboneCard]:
+        """The backbone the head was trained with (eval mode), its sha256 checked against the card.
+
+        ``backbone_weights`` says where the weights are: ``"inside"`` the checkpoint (``backbone.*``), in
+        the ``"backbone/"`` folder beside it, or ``"refetch"`` from timm/hf-hub by name.
+
+        Raises:
+            CheckpointError: no backbone recorded, or weights that are not the ones the card names.
+        """
+        base, card, where = self.base, self.record.require_backbone(), self.record.backbone_weights
+        try:
+            if where == "inside":
+                model = rebuild_backbone(card)
+                model.load_state_dict({k[len("backbone."):]: v for k, v in self.weights().items()
+                                       if k.startswith("backbone.")})
+            elif where == "backbone/":
+                model, folder_card = load_backbone(base.parent / "backbone")
+                if folder_card.weights_sha256 != card.weights_sha256:
+                    raise CheckpointError(f"{base.parent / 'backbone'} holds backbone weights "
+                                          f"{folder_card.weights_sha256[:12]}... but checkpoint {base.name} was trained "
+                                          f"on {card.weights_sha256[:12]}...")
+            elif where == "refetch":
+                model, _ = create_backbone(card.name, "pretrained", **card.timm_kwargs)
+            else:
+                raise CheckpointError(f"checkpoint {base}: unknown backbone_weights {where!r}")
+        except (WeightsError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {base}: cannot load its backbone ({exc})") from exc
+        sha = state_dict_sha256(model)
+        if sha != card.weights_sha256:
+            raise CheckpointError(f"checkpoint {base}: backbone weights have sha256 {sha[:12]}... but the card says "
+                                  f"{card.weights_sha256[:12]}...; the head was trained on other weights")
+        return model.eval(), card
 
 
 def _check_file(path: Path, expected: str | None, base: Path) -> None:
@@ -265,53 +328,21 @@ def _check_file(path: Path, expected: str | None, base: Path) -> None:
                               "writing); use another checkpoint or train again")
 
 
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and JSON record of checkpoint ``path`` (see :class:`Checkpoint`)."""
+    ckpt = Checkpoint.open(path)
+    return ckpt.weights(), ckpt.record.raw
+
+
 def load_head(path: str | Path) -> tuple[AttentionMIL, dict[str, Any]]:
-    """The trained attention-MIL head of a checkpoint (eval mode) and its record."""
-    record = read_checkpoint(path)
-    state, meta = load_weights(path)
-    head = create_head(record.head_config)
-    head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
-    try:
-        head.load_state_dict(head_state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{checkpoint_base(path)}: weights do not fit the recorded head_config ({exc})") from exc
-    return head.eval(), meta
+    """The trained head of checkpoint ``path`` (eval mode) and its JSON record."""
+    ckpt = Checkpoint.open(path)
+    return ckpt.head(), ckpt.record.raw
 
 
 def load_checkpoint_backbone(path: str | Path) -> tuple[nn.Module, BackboneCard]:
-    """The backbone a checkpoint's head was trained with, its sha256 checked against the card.
-
-    ``backbone_weights`` says where the weights are: ``"inside"`` the checkpoint (``backbone.*``),
-    in the ``"backbone/"`` folder beside it, or ``"refetch"`` from timm/hf-hub by name.
-
-    Raises:
-        CheckpointError: no backbone recorded, or weights that are not the ones the card names.
-    """
-    record = read_checkpoint(path)
-    base = record.base
-    card = record.require_backbone()
-    where = record.backbone_weights
-    try:
-        if where == "inside":
-            state, _ = load_weights(base)
-            model = rebuild_backbone(card)
-            model.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
-        elif where == "backbone/":
-            model, folder_card = load_backbone(base.parent / "backbone")
-            if folder_card.weights_sha256 != card.weights_sha256:
-                raise CheckpointError(f"{base.parent / 'backbone'} holds backbone weights {folder_card.weights_sha256[:12]}"
-                                      f"... but checkpoint {base.name} was trained on {card.weights_sha256[:12]}...")
-        elif where == "refetch":
-            model, _ = create_backbone(card.name, "pretrained", **card.timm_kwargs)
-        else:
-            raise CheckpointError(f"checkpoint {base}: unknown backbone_weights {where!r}")
-    except (WeightsError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {base}: cannot load its backbone ({exc})") from exc
-    sha = state_dict_sha256(model)
-    if sha != card.weights_sha256:
-        raise CheckpointError(f"checkpoint {base}: backbone weights have sha256 {sha[:12]}... but the card says "
-                              f"{card.weights_sha256[:12]}...; the head was trained on other weights")
-    return model.eval(), card
+    """The backbone checkpoint ``path``'s head was trained with (see :meth:`Checkpoint.backbone`)."""
+    return Checkpoint.open(path).backbone()
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
