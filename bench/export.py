@@ -39,11 +39,11 @@ import torch
 from slidemil import config
 from slidemil.artifacts.checkpoint import save_checkpoint
 from slidemil.artifacts.package import Package, load_torch_models
-from slidemil.engine.runners import OnnxRuntimeRunner, TorchRunner
 from slidemil.exporter.export import ExportConfig, export_checkpoint
 from slidemil.exporter.verify import parity_tiles
 from slidemil.models.backbones import create_backbone, save_backbone
 from slidemil.models.mil import HeadConfig, create_head
+from slidemil.runtime.runners import OnnxRuntimeRunner, TorchRunner
 from slidemil.slide.grid import TileSpec
 from slidemil.slide.tiling import TilingConfig
 
@@ -79,7 +79,7 @@ def runners(pkg: Package, threads: int) -> dict[str, Callable[[np.ndarray], obje
     ort_runner = OnnxRuntimeRunner(pkg.backbone_onnx, device="cpu", threads=threads)
     out["onnxruntime fp32 (backbone.onnx)"] = lambda t: ort_runner.infer({"tiles": t})
     try:
-        from slidemil.engine.openvino_runner import OpenVinoRunner
+        from slidemil.runtime.openvino_runner import OpenVinoRunner
         for precision in ("fp32", "bf16"):
             ov = OpenVinoRunner(pkg.backbone_onnx, precision=precision, threads=threads)
             out[f"openvino {precision} (backbone.onnx)"] = lambda t, r=ov: r.infer({"tiles": t})

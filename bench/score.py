@@ -50,8 +50,8 @@ from pathlib import Path
 import numpy as np
 
 from slidemil.engine.models import open_models, warm_up
-from slidemil.engine.runners import resolve_device
 from slidemil.exporter.export import ExportConfig, export_checkpoint
+from slidemil.runtime.runners import resolve_device
 from slidemil.slide.reader import open_slide
 from slidemil.slide.synth import SynthConfig, make_cohort
 from slidemil.slide.tiling import TilingConfig, plan_tiles
@@ -133,7 +133,7 @@ def detect_environment() -> Environment:
     except ImportError:
         providers = None
     try:
-        from slidemil.engine.tensorrt_runner import import_tensorrt
+        from slidemil.runtime.tensorrt_runner import import_tensorrt
         import_tensorrt()
         tensorrt = None
     except BackendUnavailableError as exc:

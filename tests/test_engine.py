@@ -16,8 +16,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from slidemil.cli import main
-from slidemil.engine.runners import RUNNERS, available_backends
 from slidemil.engine.score import ScoreConfig, score_slides
+from slidemil.runtime.runners import RUNNERS, available_backends
 from slidemil.slide.table import SlideEntry, select_shard
 from tests.engine_fixtures import lesion_fraction_of_tiles, make_package_and_slides
 

@@ -13,10 +13,10 @@ import torch
 
 from slidemil.artifacts.tiling_record import load_tiling
 from slidemil.cli import main
-from slidemil.engine.pipeline import PipelineConfig, TilePipeline
 from slidemil.features.extract import ExtractConfig, extract_features
 from slidemil.models.backbones import create_backbone, load_backbone
 from slidemil.models.preprocess import UInt8Backbone
+from slidemil.runtime.pipeline import PipelineConfig, TilePipeline
 from slidemil.slide.reader import open_slide
 from slidemil.slide.store import read_h5
 from slidemil.slide.table import SlideEntry

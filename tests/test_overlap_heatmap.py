@@ -22,8 +22,8 @@ from sklearn.metrics import roc_auc_score
 import slidemil.engine.score as score
 from slidemil.engine.heatmap import grid_to_pixels, normalize_attention, overlap_heatmap
 from slidemil.engine.models import LoadedModel
-from slidemil.engine.pipeline import PipelineConfig
-from slidemil.engine.runners import Feed, Runner
+from slidemil.runtime.pipeline import PipelineConfig
+from slidemil.runtime.runners import Feed, Runner
 from slidemil.slide.grid import TileSpec, grid_from_coords, make_grid
 from slidemil.slide.reader import open_slide
 from slidemil.slide.synth import SlideTruth, write_slide

@@ -193,7 +193,7 @@ def test_calibration_tiles_a_mask_tissue_package_by_colour(packaged, tmp_path):
 
 def _head_logit_gaps(pkg, features: np.ndarray) -> tuple[float, np.ndarray]:
     """logit(tumour) - logit(normal) of the whole bag and of each one-tile bag (ONNX Runtime fp32 head)."""
-    from slidemil.engine.runners import OnnxRuntimeRunner
+    from slidemil.runtime.runners import OnnxRuntimeRunner
     head = OnnxRuntimeRunner(pkg.head_onnx)
     try:
         def gap(bag: np.ndarray) -> float:
@@ -227,8 +227,8 @@ def _sharpen_head(root, scale: float, boundary: float) -> None:
 
 def _held_out_features(pkg, calibration) -> np.ndarray:
     """ONNX Runtime fp32 features of the held-out slide's bag, as quantize computes them."""
-    from slidemil.engine.runners import OnnxRuntimeRunner
     from slidemil.exporter.verify import run_backbone
+    from slidemil.runtime.runners import OnnxRuntimeRunner
     from slidemil.slide.reader import open_slide
 
     _, (slide,) = quantize.split_slides(quantize.plan_slides(pkg, calibration), SMALL)

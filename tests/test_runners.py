@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from slidemil.engine import runners
-from slidemil.engine.runners import RUNNERS, OnnxRuntimeRunner, TorchRunner, choose_backend
+from slidemil.runtime import runners
 from slidemil.errors import SlideReadError
 from slidemil.exporter.onnx import export_graph
+from slidemil.runtime.runners import RUNNERS, OnnxRuntimeRunner, TorchRunner, choose_backend
 
 
 class _TileNet(nn.Module):
@@ -52,7 +52,7 @@ def test_infer_stream_gives_every_batch_in_order(tiles, tile_onnx):
 
 def test_openvino_async_stream_equals_synchronous_inference(tiles, tile_onnx):
     pytest.importorskip("openvino", reason="openvino is not installed")
-    from slidemil.engine.openvino_runner import OpenVinoRunner
+    from slidemil.runtime.openvino_runner import OpenVinoRunner
     with OpenVinoRunner(tile_onnx, precision="fp32", threads=1, use_cache=False) as runner, \
             OnnxRuntimeRunner(tile_onnx, threads=1) as reference:
         expected = reference.infer({"tiles": tiles})["features"]
@@ -64,7 +64,7 @@ def test_openvino_async_stream_equals_synchronous_inference(tiles, tile_onnx):
 
 def test_openvino_stream_passes_a_read_error_on_after_finishing_its_requests(tiles, tile_onnx):
     pytest.importorskip("openvino", reason="openvino is not installed")
-    from slidemil.engine.openvino_runner import OpenVinoRunner
+    from slidemil.runtime.openvino_runner import OpenVinoRunner
 
     def feeds():
         yield 0, {"tiles": tiles[:4]}
@@ -127,7 +127,7 @@ def test_auto_picks_the_fastest_installed_cpu_runner(monkeypatch):
 def test_backbone_features_refuses_a_stream_that_stopped_early(tiles, tile_onnx):
     from types import SimpleNamespace
 
-    from slidemil.engine.pipeline import backbone_features
+    from slidemil.runtime.pipeline import backbone_features
     short = SimpleNamespace(entry=SimpleNamespace(slide_id="s1"), n_tiles=20,
                             batches=lambda: iter([(0, tiles[:8]), (8, tiles[8:16])]))  # 4 tiles never came
     with OnnxRuntimeRunner(tile_onnx, threads=1) as runner:
@@ -142,7 +142,7 @@ def test_backbone_features_refuses_a_stream_that_stopped_early(tiles, tile_onnx)
 
 def test_openvino_uses_one_stream_on_few_cores_and_several_on_many(tile_onnx):
     pytest.importorskip("openvino", reason="openvino is not installed")
-    from slidemil.engine.openvino_runner import OpenVinoRunner, performance_hint
+    from slidemil.runtime.openvino_runner import OpenVinoRunner, performance_hint
     assert [performance_hint(n) for n in (1, 2, 4, 8, 64)] == ["LATENCY"] * 3 + ["THROUGHPUT"] * 2
     with OpenVinoRunner(tile_onnx, precision="fp32", threads=2, use_cache=False) as runner:
         assert runner.streams == 1 and len(runner._requests) >= 2  # still two requests in flight

@@ -15,12 +15,12 @@ import pytest
 
 from slidemil.artifacts.package import load_package, write_manifest
 from slidemil.cli import main
-from slidemil.engine.runners import RUNNERS
-from slidemil.engine.tensorrt_runner import TensorRTRunner
 from slidemil.errors import BackendUnavailableError, ConfigError
 from slidemil.exporter.export import ExportConfig, export_checkpoint
 from slidemil.exporter.tensorrt import TensorRTConfig, build_package_engines, optimisation_profiles
 from slidemil.exporter.verify import ParityConfig, smoke_test, verify_package
+from slidemil.runtime.runners import RUNNERS
+from slidemil.runtime.tensorrt_runner import TensorRTRunner
 from tests.test_exporter import QUICK, TILE_PX, make_checkpoint
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from slidemil.engine.runners import OnnxRuntimeRunner, Runner, TorchRunner, choose_backend, resolve_device
 from slidemil.errors import ConfigError, PackageError
+from slidemil.runtime.runners import OnnxRuntimeRunner, Runner, TorchRunner, choose_backend, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _onnxruntime(package: Any, s: RunnerSettings) -> RunnerPair:
 def _openvino(package: Any, s: RunnerSettings) -> RunnerPair:
     """``auto`` takes the package's int8 backbone where ``slidemil quantize`` made one (its parity was
     checked then), else bf16 where the CPU has it, else fp32."""
-    from slidemil.engine.openvino_runner import OpenVinoRunner
+    from slidemil.runtime.openvino_runner import OpenVinoRunner
     int8 = package.openvino_int8(missing_ok=s.precision != "int8")
     if s.precision == "int8" or (s.precision == "auto" and int8 is not None):
         backbone = OpenVinoRunner(int8, precision="int8", threads=s.threads)
@@ -95,7 +95,7 @@ def _torch(package: Any, s: RunnerSettings) -> RunnerPair:
 
 @builder("tensorrt")
 def _tensorrt(package: Any, s: RunnerSettings) -> RunnerPair:
-    from slidemil.engine.tensorrt_runner import TensorRTRunner
+    from slidemil.runtime.tensorrt_runner import TensorRTRunner
     plan = package.engine_path("backbone", s.precision)
     return TensorRTRunner(plan, device=s.device), _cpu_head(package, s.threads)
 

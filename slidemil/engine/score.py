@@ -25,9 +25,9 @@ from slidemil.config import save_config
 from slidemil.engine.heatmap import normalize_attention, prime_renderer
 from slidemil.engine.models import LoadedModel, open_models, warm_up
 from slidemil.engine.outputs import PredictionsTable, outputs_complete, slide_paths, write_run_summary
-from slidemil.engine.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
 from slidemil.engine.slide_outputs import SlideResult, write_slide_outputs
 from slidemil.errors import NoTissueError, SlidemilError
+from slidemil.runtime.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
 from slidemil.slide.sources import prepare_tile_sources
 from slidemil.slide.table import load_slides, select_shard
 from slidemil.slide.tiling import TilingConfig

@@ -24,8 +24,8 @@ from slidemil.engine.outputs import (
     write_heatmap,
     write_topk,
 )
-from slidemil.engine.pipeline import SlideStream
 from slidemil.errors import SlidemilError
+from slidemil.runtime.pipeline import SlideStream
 from slidemil.slide.reader import open_slide
 from slidemil.slide.tiling import TilingConfig
 

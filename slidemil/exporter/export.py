@@ -41,7 +41,6 @@ from slidemil.artifacts.package import (
     write_manifest,
 )
 from slidemil.atomic import TMP_MARK, atomic_path, write_json
-from slidemil.engine.runners import OnnxRuntimeRunner, TorchRunner
 from slidemil.errors import ConfigError, ExportError
 from slidemil.exporter.onnx import DEFAULT_OPSET, HEAD_OUTPUTS, export_backbone, export_head
 from slidemil.exporter.verify import (
@@ -57,6 +56,7 @@ from slidemil.exporter.verify import (
 from slidemil.models.backbones import CARD_FILE, BackboneCard, save_backbone, state_dict_sha256, unshared
 from slidemil.models.mil import AttentionMIL, BagHead, HeadConfig
 from slidemil.models.preprocess import UInt8Backbone
+from slidemil.runtime.runners import OnnxRuntimeRunner, TorchRunner
 from slidemil.slide.tiling import TilingConfig
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, cfg: ExportCo
     out = Path(out_dir)
     _check_target(out, cfg.overwrite)
     if cfg.tensorrt:
-        from slidemil.engine.tensorrt_runner import import_tensorrt
+        from slidemil.runtime.tensorrt_runner import import_tensorrt
         import_tensorrt()
     source = load_source(checkpoint)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}{out.name}-", dir=out.parent))

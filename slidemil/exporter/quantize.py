@@ -34,7 +34,6 @@ import numpy as np
 
 from slidemil.artifacts.package import Package, library_versions, load_package, write_manifest
 from slidemil.atomic import TMP_MARK
-from slidemil.engine.runners import Runner
 from slidemil.errors import BackendUnavailableError, ConfigError, ExportError, SlidemilError
 from slidemil.exporter.verify import (
     ParityConfig,
@@ -46,6 +45,7 @@ from slidemil.exporter.verify import (
     tolerance_for,
     whole_bag_figures,
 )
+from slidemil.runtime.runners import Runner
 from slidemil.slide.table import SlideEntry
 
 log = logging.getLogger(__name__)
@@ -247,8 +247,8 @@ def _bags(ref: RunnerPair, cand: RunnerPair, r: np.ndarray, c: np.ndarray, bags:
 def int8_parity(pkg: Package, xml: Path, held_out: list[PlannedSlide], cfg: QuantizeConfig) -> dict[str, Any]:
     """The gate: the int8 backbone (OpenVINO) + fp32 head (ONNX Runtime) against ONNX Runtime fp32 on the
     whole bag of each held-out slide; per-slide figures, and the tile-level ones as information."""
-    from slidemil.engine.openvino_runner import OpenVinoRunner
-    from slidemil.engine.runners import OnnxRuntimeRunner
+    from slidemil.runtime.openvino_runner import OpenVinoRunner
+    from slidemil.runtime.runners import OnnxRuntimeRunner
 
     tolerance = tolerance_for("int8")
     head = OnnxRuntimeRunner(pkg.head_onnx)  # the engine's head: ONNX Runtime fp32 on the CPU, both sides

@@ -28,7 +28,6 @@ from slidemil.artifacts.package import (
     write_manifest,
 )
 from slidemil.atomic import TMP_MARK, atomic_path, write_bytes
-from slidemil.engine.tensorrt_runner import TensorRTRunner, device_info, import_tensorrt
 from slidemil.errors import ConfigError, ExportError
 from slidemil.exporter.verify import (
     ParityConfig,
@@ -39,6 +38,7 @@ from slidemil.exporter.verify import (
     summary,
     tolerance_for,
 )
+from slidemil.runtime.tensorrt_runner import TensorRTRunner, device_info, import_tensorrt
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def build_engines(root: str | Path, tile_px: int, feature_dim: int, cfg: TensorR
 def engine_parity(root: Path, engines: dict[str, dict[str, str]], tiles: np.ndarray,
                   cfg: ParityConfig) -> dict[str, Any]:
     """Each precision's engines vs ONNX Runtime fp32 (CUDA where installed, else CPU)."""
-    from slidemil.engine.runners import OnnxRuntimeRunner
+    from slidemil.runtime.runners import OnnxRuntimeRunner
     device = "cuda" if OnnxRuntimeRunner.available("cuda") else "cpu"
     ref = RunnerPair(*(OnnxRuntimeRunner(root / graph_file(k), device=device) for k in KINDS))
     figures = {}

@@ -34,9 +34,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from slidemil.artifacts.package import Package, load_package
-from slidemil.engine.runners import Runner
 from slidemil.errors import BackendUnavailableError, ExportError
 from slidemil.exporter.onnx import HEAD_OUTPUTS
+from slidemil.runtime.runners import Runner
 from slidemil.slide.tiling import TilingConfig
 
 log = logging.getLogger(__name__)
@@ -284,22 +284,22 @@ def open_runners(pkg: Package, backend: str, precision: str = "fp32", device: st
     """The package's backbone and head on ``backend`` (torch, onnxruntime, openvino, tensorrt)."""
     if backend == "torch":
         from slidemil.artifacts.package import load_torch_models
-        from slidemil.engine.runners import TorchRunner
+        from slidemil.runtime.runners import TorchRunner
         backbone, head = load_torch_models(pkg)
         return RunnerPair(TorchRunner(backbone, ["tiles"], ["features"], device=device, precision=precision),
                           TorchRunner(head, ["features"], HEAD_OUTPUTS, device=device, precision=precision,
                                       channels_last=False))
     if backend == "onnxruntime":
-        from slidemil.engine.runners import OnnxRuntimeRunner
+        from slidemil.runtime.runners import OnnxRuntimeRunner
         return RunnerPair(*(OnnxRuntimeRunner(pkg.graph(k, precision), device=device) for k in ("backbone", "head")))
     if backend == "openvino":
-        from slidemil.engine.openvino_runner import OpenVinoRunner
+        from slidemil.runtime.openvino_runner import OpenVinoRunner
         if precision == "int8":  # the quantized backbone; the head stays in floating point
             return RunnerPair(OpenVinoRunner(pkg.openvino_int8(), precision="int8"),
                               OpenVinoRunner(pkg.graph("head"), precision="fp32"))
         return RunnerPair(*(OpenVinoRunner(pkg.graph(k), precision=precision) for k in ("backbone", "head")))
     if backend == "tensorrt":
-        from slidemil.engine.tensorrt_runner import TensorRTRunner, check_engine_compatible
+        from slidemil.runtime.tensorrt_runner import TensorRTRunner, check_engine_compatible
         check_engine_compatible(pkg)
         return RunnerPair(*(TensorRTRunner(pkg.engine(k, precision), device=device) for k in ("backbone", "head")))
     raise BackendUnavailableError(f"unknown backend {backend!r}; use torch, onnxruntime, openvino or tensorrt")
@@ -450,7 +450,7 @@ def resolve_precision(pkg: Package, backend: str, precision: str) -> str:
     if precision != "auto":
         return precision
     if backend == "openvino":
-        from slidemil.engine.openvino_runner import cpu_supports_bf16
+        from slidemil.runtime.openvino_runner import cpu_supports_bf16
         return "int8" if pkg.openvino_int8(missing_ok=True) else ("bf16" if cpu_supports_bf16() else "fp32")
     if backend == "tensorrt" and "fp16" in pkg.precisions(fmt="tensorrt"):
         return "fp16"

@@ -22,11 +22,11 @@ from slidemil.artifacts.tiling_record import copy_tiling_record, find_coords, lo
 from slidemil.atomic import remove_temporaries_of
 from slidemil.batch import BatchLog
 from slidemil.config import save_config
-from slidemil.engine.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
-from slidemil.engine.runners import Runner, TorchRunner, choose_backend, resolve_device
 from slidemil.errors import ConfigError, SlidemilError
 from slidemil.models.backbones import BackboneCard, create_backbone
 from slidemil.models.preprocess import UInt8Backbone
+from slidemil.runtime.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
+from slidemil.runtime.runners import Runner, TorchRunner, choose_backend, resolve_device
 from slidemil.slide.grid import grid_from_coords
 from slidemil.slide.sources import prepare_tile_sources
 from slidemil.slide.store import is_complete, read_h5, write_h5
@@ -84,10 +84,10 @@ def build_backbone_runner(module: nn.Module, card: BackboneCard, backend: str, d
     if not onnx_path.is_file():
         export_backbone(module, onnx_path, tile_px)
     if backend == "onnxruntime":
-        from slidemil.engine.runners import OnnxRuntimeRunner
+        from slidemil.runtime.runners import OnnxRuntimeRunner
         return OnnxRuntimeRunner(onnx_path, device=device)
     if backend == "openvino":
-        from slidemil.engine.openvino_runner import OpenVinoRunner
+        from slidemil.runtime.openvino_runner import OpenVinoRunner
         return OpenVinoRunner(onnx_path, precision=precision)
     raise ConfigError(f"backend {backend!r} cannot extract features; use torch, onnxruntime or openvino")
 

@@ -275,7 +275,7 @@ def choose_backend(backend: str, device: str, usable: Callable[[str], bool] = la
 
 def _load_optional_runners() -> None:
     import importlib
-    for module in ("slidemil.engine.openvino_runner", "slidemil.engine.tensorrt_runner"):
+    for module in ("slidemil.runtime.openvino_runner", "slidemil.runtime.tensorrt_runner"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from slidemil.atomic import file_lock
-from slidemil.engine.runners import Feed, Key, Runner, cpu_threads, register_runner
 from slidemil.errors import BackendUnavailableError, ConfigError
+from slidemil.runtime.runners import Feed, Key, Runner, cpu_threads, register_runner
 
 log = logging.getLogger(__name__)
 

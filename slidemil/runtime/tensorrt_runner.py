@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from slidemil.engine.runners import Runner, register_runner
 from slidemil.errors import BackendUnavailableError, ConfigError, PackageError
+from slidemil.runtime.runners import Runner, register_runner
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from slidemil.engine.runners import Runner
 from slidemil.errors import SlidemilError, SlideReadError
+from slidemil.runtime.runners import Runner
 from slidemil.slide.reader import open_slide
 from slidemil.slide.sources import TileSource, open_tile_source
 from slidemil.slide.table import SlideEntry
