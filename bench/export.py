@@ -40,10 +40,10 @@ from slidemil import config
 from slidemil.artifacts.checkpoint import save_checkpoint
 from slidemil.artifacts.package import Package, load_torch_models
 from slidemil.exporter.export import ExportConfig, export_checkpoint
-from slidemil.exporter.verify import parity_tiles
+from slidemil.exporter.parity import parity_tiles
 from slidemil.models.backbones import create_backbone, save_backbone
 from slidemil.models.mil import HeadConfig, create_head
-from slidemil.runtime.runners import OnnxRuntimeRunner, TorchRunner
+from slidemil.runtime.plan import ExecutionPlan, ModelFiles, build_backbone_runner
 from slidemil.slide.grid import TileSpec
 from slidemil.slide.tiling import TilingConfig
 
@@ -74,17 +74,16 @@ def runners(pkg: Package, threads: int) -> dict[str, Callable[[np.ndarray], obje
             return net(x)
 
     out: dict[str, Callable[[np.ndarray], object]] = {"torch eager fp32 (NCHW)": eager}
-    channels_last = TorchRunner(backbone, ["tiles"], ["features"], device="cpu", precision="fp32")
-    out["torch eager fp32 channels_last"] = lambda t: channels_last.infer({"tiles": t})
-    ort_runner = OnnxRuntimeRunner(pkg.backbone_onnx, device="cpu", threads=threads)
-    out["onnxruntime fp32 (backbone.onnx)"] = lambda t: ort_runner.infer({"tiles": t})
-    try:
-        from slidemil.runtime.openvino_runner import OpenVinoRunner
-        for precision in ("fp32", "bf16"):
-            ov = OpenVinoRunner(pkg.backbone_onnx, precision=precision, threads=threads)
-            out[f"openvino {precision} (backbone.onnx)"] = lambda t, r=ov: r.infer({"tiles": t})
-    except ImportError:
+    files = ModelFiles.from_package(pkg)  # the engine's own runners, as its planner builds them
+    plans = {"torch eager fp32 channels_last": ExecutionPlan("torch", "cpu", "fp32", threads),
+             "onnxruntime fp32 (backbone.onnx)": ExecutionPlan("onnxruntime", "cpu", "fp32", threads)}
+    if files.precisions("openvino"):
+        plans.update({f"openvino {p} (backbone.onnx)": ExecutionPlan("openvino", "cpu", p, threads) for p in ("fp32", "bf16")})
+    else:
         logging.info("openvino not installed: skipped")
+    for name, plan in plans.items():
+        runner = build_backbone_runner(files, plan).activate()  # kept active for the whole bench
+        out[name] = lambda t, r=runner: r.infer({"tiles": t})
     return out
 
 

@@ -14,7 +14,7 @@ import pytest
 from slidemil.check import check_paths
 from slidemil.cli import main
 from slidemil.exporter.export import ExportConfig, export_checkpoint
-from slidemil.exporter.verify import ParityConfig
+from slidemil.exporter.parity import ParityConfig
 from slidemil.slide.store import CHUNK_ROWS, check_h5, write_h5
 from tests.test_exporter import make_checkpoint
 from tests.trainer_fixtures import coords_attrs, make_feature_cohort

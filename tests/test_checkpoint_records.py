@@ -14,7 +14,7 @@ from slidemil.artifacts.checkpoint import load_checkpoint_backbone, load_head, r
 from slidemil.cli import main
 from slidemil.errors import CheckpointError, LabelTableError
 from slidemil.exporter.export import ExportConfig, export_checkpoint
-from slidemil.exporter.verify import ParityConfig
+from slidemil.exporter.parity import ParityConfig
 from slidemil.features.extract import ExtractConfig, prepare_backbone
 from slidemil.trainer.run import run_training
 from tests.trainer_fixtures import fast_config, make_feature_cohort

@@ -24,10 +24,12 @@ from slidemil.artifacts.package import (
 from slidemil.cli import main
 from slidemil.errors import ExportError, PackageError
 from slidemil.exporter.export import ExportConfig, export_checkpoint
-from slidemil.exporter.verify import ParityConfig, parity_tiles, verify_package
+from slidemil.exporter.parity import ParityConfig, parity_tiles
+from slidemil.exporter.verify import verify_package
 from slidemil.models.backbones import create_backbone, save_backbone
 from slidemil.models.mil import BagHead, HeadConfig, create_head
 from slidemil.models.preprocess import UInt8Backbone
+from slidemil.runtime.plan import ModelFiles, resolve_precision
 from slidemil.slide.grid import TileSpec
 from slidemil.slide.tiling import TilingConfig
 
@@ -112,9 +114,11 @@ def test_manifest_carries_what_the_engine_needs(exported):
     assert pkg.card.to_dict() == meta["backbone_card"]
     assert pkg.head_config == HeadConfig.from_dict(meta["head_config"])
     assert pkg.backbone_onnx.is_file() and pkg.head_onnx.is_file()
-    assert pkg.backbone_onnx_for("cuda").name == "backbone_fp16.onnx"
-    assert pkg.backbone_onnx_for("cpu").name == "backbone.onnx"
-    assert pkg.engine_path("backbone", missing_ok=True) is None
+    # what the planner makes of it: fp16 graphs on a GPU, fp32 on the CPU, no TensorRT engine
+    files = ModelFiles.from_package(pkg)
+    assert resolve_precision(files, "onnxruntime", "cuda") == "fp16"
+    assert resolve_precision(files, "onnxruntime", "cpu") == "fp32"
+    assert files.precisions("tensorrt", "cuda") == ()
 
 
 def test_parity_figures_meet_the_thresholds(exported):

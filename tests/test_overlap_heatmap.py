@@ -23,7 +23,8 @@ import slidemil.engine.score as score
 from slidemil.engine.heatmap import grid_to_pixels, normalize_attention, overlap_heatmap
 from slidemil.engine.models import LoadedModel
 from slidemil.runtime.pipeline import PipelineConfig
-from slidemil.runtime.runners import Feed, Runner
+from slidemil.runtime.plan import ExecutionPlan
+from slidemil.runtime.runners import Feed, Runner, TensorMeta
 from slidemil.slide.grid import TileSpec, grid_from_coords, make_grid
 from slidemil.slide.reader import open_slide
 from slidemil.slide.synth import SlideTruth, write_slide
@@ -81,22 +82,31 @@ def test_overlap_heatmap_of_a_plain_grid_equals_grid_to_pixels():
     np.testing.assert_allclose(overlap_heatmap(level0, grid.coords, size0, values, shape), plain, equal_nan=True)
 
 
-class _MeanColour(Runner):
-    """Stub backbone runner: features = mean RGB of each tile / 255, (B, 3)."""
-
+class _StubRunner(Runner):
     backend = "stub"
 
-    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
+    def _activate(self) -> None:
+        pass
+
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        return {}
+
+
+class _MeanColour(_StubRunner):
+    """Stub backbone runner: features = mean RGB of each tile / 255, (B, 3)."""
+
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        return {"tiles": TensorMeta("uint8", (None, 256, 256, 3))}
+
+    def _infer(self, feed: Feed) -> dict[str, np.ndarray]:
         tiles = feed["tiles"]
         return {"features": (tiles.mean(axis=(1, 2)) / 255.0).astype(np.float32)}
 
 
-class _DarknessHead(Runner):
+class _DarknessHead(_StubRunner):
     """Stub head runner: attention_raw = 1 - mean red (synthetic lesions are dark); tumour if any is dark."""
 
-    backend = "stub"
-
-    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
+    def _infer(self, feed: Feed) -> dict[str, np.ndarray]:
         raw = (1.0 - feed["features"][:, 0]).astype(np.float32)
         attention = np.exp(raw - raw.max()) / np.exp(raw - raw.max()).sum()
         logits = np.array([0.0, float(raw.max())], np.float32)
@@ -107,7 +117,9 @@ class _DarknessHead(Runner):
 @contextlib.contextmanager
 def _stub_models(*_args: Any, **_kwargs: Any) -> Iterator[list[LoadedModel]]:
     package = SimpleNamespace(class_names=["normal", "tumour"], tiling=TILING, card=SimpleNamespace(feature_dim=3))
-    yield [LoadedModel(name="stub", package=package, backbone=_MeanColour(), head=_DarknessHead(), backend="stub")]
+    plan = ExecutionPlan("stub", "cpu", "fp32")
+    yield [LoadedModel(name="stub", package=package, plan=plan,  # type: ignore[arg-type]
+                       backbone=_MeanColour().activate(), head=_DarknessHead().activate())]
 
 
 def _expected_overlap_map(path: Path, overlap: float, norm: str) -> np.ndarray:
@@ -117,7 +129,7 @@ def _expected_overlap_map(path: Path, overlap: float, norm: str) -> np.ndarray:
         spec: TileSpec = replace(TILING.tile, overlap=int(round(TILING.tile.patch_size * overlap)))
         dense = make_grid(plan.grid.level0_size, plan.grid.slide_mpp, spec, plan.tissue)
         tiles = reader.read_tiles(dense.coords, dense.patch_size_level0, spec.patch_size)
-    raw = _DarknessHead().infer(_MeanColour().infer({"tiles": tiles}))["attention_raw"]
+    raw = _DarknessHead().activate().infer(_MeanColour().activate().infer({"tiles": tiles}))["attention_raw"]
     return overlap_heatmap(dense.level0_size, dense.coords, dense.patch_size_level0,
                            normalize_attention(raw, norm), plan.thumbnail.shape[:2])
 

@@ -21,8 +21,8 @@ from slidemil.cli import main  # noqa: E402
 from slidemil.engine.score import ScoreConfig, score_slides  # noqa: E402
 from slidemil.errors import ConfigError, ExportError, PackageError  # noqa: E402
 from slidemil.exporter import quantize  # noqa: E402
+from slidemil.exporter.parity import ParityConfig  # noqa: E402
 from slidemil.exporter.quantize import PlannedSlide, QuantizeConfig, quantize_package  # noqa: E402
-from slidemil.exporter.verify import ParityConfig  # noqa: E402
 from slidemil.slide.table import SlideEntry  # noqa: E402
 from tests.engine_fixtures import make_package_and_slides  # noqa: E402
 
@@ -194,14 +194,11 @@ def test_calibration_tiles_a_mask_tissue_package_by_colour(packaged, tmp_path):
 def _head_logit_gaps(pkg, features: np.ndarray) -> tuple[float, np.ndarray]:
     """logit(tumour) - logit(normal) of the whole bag and of each one-tile bag (ONNX Runtime fp32 head)."""
     from slidemil.runtime.runners import OnnxRuntimeRunner
-    head = OnnxRuntimeRunner(pkg.head_onnx)
-    try:
+    with OnnxRuntimeRunner(pkg.head_onnx) as head:
         def gap(bag: np.ndarray) -> float:
             logits = head.infer({"features": np.ascontiguousarray(bag, np.float32)})["logits"]
             return float(logits[1] - logits[0])
         return gap(features), np.array([gap(features[i:i + 1]) for i in range(len(features))])
-    finally:
-        head.close()
 
 
 def _sharpen_head(root, scale: float, boundary: float) -> None:
@@ -211,7 +208,7 @@ def _sharpen_head(root, scale: float, boundary: float) -> None:
     from safetensors.torch import save_file
 
     from slidemil.artifacts.package import HEAD_WEIGHTS_FILE, load_torch_models
-    from slidemil.exporter.onnx import export_head
+    from slidemil.models.onnx import export_head
 
     pkg = load_package(root)
     _, bag_head = load_torch_models(pkg)
@@ -227,7 +224,7 @@ def _sharpen_head(root, scale: float, boundary: float) -> None:
 
 def _held_out_features(pkg, calibration) -> np.ndarray:
     """ONNX Runtime fp32 features of the held-out slide's bag, as quantize computes them."""
-    from slidemil.exporter.verify import run_backbone
+    from slidemil.exporter.parity import run_backbone
     from slidemil.runtime.runners import OnnxRuntimeRunner
     from slidemil.slide.reader import open_slide
 
@@ -235,11 +232,8 @@ def _held_out_features(pkg, calibration) -> np.ndarray:
     coords = slide.coords[quantize.slide_tiles(slide, SMALL.parity_max_tiles, SMALL.seed)]
     with open_slide(slide.entry.path) as reader:
         tiles = reader.read_tiles(coords, slide.size_level0, pkg.tile_px)
-    backbone = OnnxRuntimeRunner(pkg.backbone_onnx)
-    try:
+    with OnnxRuntimeRunner(pkg.backbone_onnx) as backbone:
         return run_backbone(backbone, tiles, SMALL.batch_size)
-    finally:
-        backbone.close()
 
 
 def test_the_gate_is_whole_slide_bags_not_one_tile_bags(packaged, tmp_path, monkeypatch):

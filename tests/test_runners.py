@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from slidemil.runtime import runners
 from slidemil.errors import SlideReadError
-from slidemil.exporter.onnx import export_graph
-from slidemil.runtime.runners import RUNNERS, OnnxRuntimeRunner, TorchRunner, choose_backend
+from slidemil.models.onnx import export_graph
+from slidemil.runtime import plan, runners
+from slidemil.runtime.runners import RUNNERS, OnnxRuntimeRunner, TensorMeta, TorchRunner, choose_backend
 
 
 class _TileNet(nn.Module):
@@ -82,13 +82,17 @@ def test_openvino_stream_passes_a_read_error_on_after_finishing_its_requests(til
         assert again == [0, 10]
 
 
+def tile_inputs(tiles: np.ndarray) -> dict[str, TensorMeta]:
+    return {"tiles": TensorMeta("uint8", (None, *tiles.shape[1:]))}
+
+
 def test_compiled_torch_runner_pads_partial_batches_and_matches_eager(tiles):
     module = _TileNet().eval()
     with torch.inference_mode():
         eager = module(torch.from_numpy(tiles)).numpy()
-    runner = TorchRunner(module, ["tiles"], ["features"], precision="fp32", channels_last=False, compile="on")
-    assert runner.compiled
-    outs = [out["features"] for _, out in runner.infer_stream(_batches(tiles, 8))]  # 8, 8 and a partial 4
+    with TorchRunner(module, tile_inputs(tiles), ["features"], precision="fp32", channels_last=False,
+                     compile=True) as runner:
+        outs = [out["features"] for _, out in runner.infer_stream(_batches(tiles, 8))]  # 8, 8 and a partial 4
     assert [len(o) for o in outs] == [8, 8, 4]
     np.testing.assert_allclose(np.concatenate(outs), eager, rtol=1e-4, atol=1e-5)
     assert "compiled" in runner.describe()
@@ -101,8 +105,9 @@ def test_torch_compile_failing_to_build_falls_back_to_eager(tiles, monkeypatch, 
         return run
     monkeypatch.setattr(torch, "compile", broken_compile)
     module = _TileNet().eval()
-    runner = TorchRunner(module, ["tiles"], ["features"], precision="fp32", channels_last=False, compile="on")
-    out = runner.infer({"tiles": tiles[:5]})["features"]
+    with TorchRunner(module, tile_inputs(tiles), ["features"], precision="fp32", channels_last=False,
+                     compile=True) as runner:
+        out = runner.infer({"tiles": tiles[:5]})["features"]
     with torch.inference_mode():
         np.testing.assert_allclose(out, module(torch.from_numpy(tiles[:5])).numpy(), rtol=1e-6)
     assert "running eagerly" in caplog.text and "compiled" not in runner.describe()
@@ -111,9 +116,10 @@ def test_torch_compile_failing_to_build_falls_back_to_eager(tiles, monkeypatch, 
 @pytest.mark.parametrize("precision, has_cxx, expected", [("bf16", True, True), ("fp32", True, False),
                                                           ("bf16", False, False)])
 def test_auto_compiles_bf16_on_the_cpu_where_a_compiler_exists(precision, has_cxx, expected, monkeypatch):
-    monkeypatch.setattr(runners, "_has_cxx_compiler", lambda: has_cxx)
-    runner = TorchRunner(_TileNet(), ["tiles"], ["features"], precision=precision, compile="auto")
-    assert runner.compiled is expected
+    monkeypatch.setattr(plan, "has_cxx_compiler", lambda: has_cxx)
+    assert plan.resolve_compile("auto", "cpu", "torch", precision) is expected
+    assert plan.resolve_compile("auto", "cpu", "openvino", precision) is False
+    assert plan.resolve_compile("on", "cuda", "torch", "fp32") is True
 
 
 def test_auto_picks_the_fastest_installed_cpu_runner(monkeypatch):
@@ -134,8 +140,9 @@ def test_backbone_features_refuses_a_stream_that_stopped_early(tiles, tile_onnx)
         with pytest.raises(SlideReadError, match="16 of 20 tiles"):
             backbone_features(short, [runner], [8])
         whole = SimpleNamespace(entry=short.entry, n_tiles=20, batches=lambda: iter([(0, tiles[:12]), (12, tiles[12:])]))
-        twin = OnnxRuntimeRunner(tile_onnx, threads=1)  # an ensemble of two members sees every batch
+        twin = OnnxRuntimeRunner(tile_onnx, threads=1).activate()  # an ensemble of two members sees every batch
         a, b = backbone_features(whole, [runner, twin], [8, 8])
+        twin.deactivate()
         np.testing.assert_array_equal(a, runner.infer({"tiles": tiles})["features"])
         np.testing.assert_array_equal(a, b)
 

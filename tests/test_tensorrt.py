@@ -17,8 +17,10 @@ from slidemil.artifacts.package import load_package, write_manifest
 from slidemil.cli import main
 from slidemil.errors import BackendUnavailableError, ConfigError
 from slidemil.exporter.export import ExportConfig, export_checkpoint
+from slidemil.exporter.parity import ParityConfig
 from slidemil.exporter.tensorrt import TensorRTConfig, build_package_engines, optimisation_profiles
-from slidemil.exporter.verify import ParityConfig, smoke_test, verify_package
+from slidemil.exporter.verify import smoke_test, verify_package
+from slidemil.runtime.plan import ModelFiles, resolve_precision
 from slidemil.runtime.runners import RUNNERS
 from slidemil.runtime.tensorrt_runner import TensorRTRunner
 from tests.test_exporter import QUICK, TILE_PX, make_checkpoint
@@ -82,7 +84,9 @@ def test_verify_skips_engines_it_cannot_run_and_refuses_the_backend(package, tmp
     checks = {c.name: c for c in smoke_test(load_package(copy))}
     assert checks["tensorrt fp16 engines"].status == "skipped"
     assert "pip install tensorrt" in checks["tensorrt fp16 engines"].detail or "GPU" in checks["tensorrt fp16 engines"].detail
-    assert load_package(copy).engine_path("backbone").name == "backbone_fp16.plan"
+    files = ModelFiles.from_package(load_package(copy))
+    assert files.engine("backbone", "fp16").name == "backbone_fp16.plan"
+    assert resolve_precision(files, "tensorrt", "cuda") == "fp16"
     with pytest.raises(BackendUnavailableError):
         verify_package(copy, backend="tensorrt", parity=QUICK)
 

@@ -94,7 +94,7 @@ def test_tiny_backbone_learns_the_cohort_end_to_end(trained) -> None:  # type: i
 def test_checkpoint_round_trips_to_torch_export_and_extraction(  # type: ignore[no-untyped-def]
         trained, cohort: Path, tmp_path: Path) -> None:
     from slidemil.exporter.export import ExportConfig, export_checkpoint
-    from slidemil.exporter.verify import ParityConfig
+    from slidemil.exporter.parity import ParityConfig
     from slidemil.features.extract import ExtractConfig, prepare_backbone
     from slidemil.runtime.runners import OnnxRuntimeRunner
 

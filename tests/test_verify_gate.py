@@ -12,14 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slidemil.exporter.verify import (
-    ParityConfig,
-    RunnerPair,
-    VerifyReport,
-    measure_parity,
-    parity_gate,
-    summary,
-)
+from slidemil.exporter.parity import ParityConfig, measure_parity, parity_gate, summary
+from slidemil.exporter.verify import VerifyReport
+from slidemil.runtime.plan import RunnerPair
 
 N_TILES = 16
 CFG = ParityConfig(n_tiles=N_TILES, batch_sizes=(1, 7, 16), bag_sizes=(1, 50), n_slide_bags=8)

@@ -23,8 +23,8 @@ def test_workers_never_start_by_fork() -> None:
 def openvino_has_run(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Run a backbone in OpenVINO in this process first: its thread pool is then alive in the parent."""
     pytest.importorskip("openvino")
-    from slidemil.exporter.onnx import export_backbone
     from slidemil.models.backbones import create_backbone
+    from slidemil.models.onnx import export_backbone
     from slidemil.models.preprocess import UInt8Backbone
     from slidemil.runtime.openvino_runner import OpenVinoRunner
 

@@ -209,22 +209,6 @@ class Package:
     def head_onnx(self) -> Path:
         return self.graph("head")
 
-    def backbone_onnx_for(self, device: str, precision: str = "auto") -> Path:
-        """The backbone graph for ONNX Runtime: fp16 on a GPU where exported (or asked for), else fp32."""
-        half = "fp16" in self.precisions("backbone")
-        if precision == "fp16" or (precision == "auto" and half and device.startswith("cuda")):
-            return self.graph("backbone", "fp16")
-        return self.graph("backbone")
-
-    def engine_path(self, kind: str, precision: str = "auto", missing_ok: bool = False) -> Path | None:
-        """A TensorRT engine; ``auto`` prefers fp16. None when absent and ``missing_ok``."""
-        built = self.precisions(kind, fmt="tensorrt")
-        if precision == "auto":
-            precision = "fp16" if "fp16" in built or not built else built[0]
-        if precision not in built and missing_ok:
-            return None
-        return self.engine(kind, precision)
-
     @overload
     def openvino_int8(self, missing_ok: Literal[False] = False) -> Path: ...
 

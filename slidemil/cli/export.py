@@ -60,8 +60,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
 def _build_engine(args: argparse.Namespace) -> int:
     from slidemil.artifacts.package import read_manifest
     from slidemil.config import load_config
+    from slidemil.exporter.parity import ParityConfig
     from slidemil.exporter.tensorrt import TensorRTConfig, build_package_engines
-    from slidemil.exporter.verify import ParityConfig
     precisions = [p for p, on in (("fp16", args.fp16), ("fp32", args.fp32)) if on]
     overrides = {"precisions": precisions or None, "max_batch": args.max_batch or read_manifest(args.model_dir).max_batch,
                  "max_bag": args.max_bag, "workspace_gb": args.workspace_gb,
@@ -89,7 +89,8 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     from slidemil.atomic import write_json
-    from slidemil.exporter.verify import ParityConfig, verify_package
+    from slidemil.exporter.parity import ParityConfig
+    from slidemil.exporter.verify import verify_package
     parity = None if args.no_parity else ParityConfig(slide=str(args.parity_slide) if args.parity_slide else None)
     report = verify_package(args.model_dir, backend=args.backend, precision=args.precision, device=args.device,
                             parity=parity)

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from slidemil.atomic import remove_temporaries_of
+from slidemil.choices import AttentionNorm, Backend, CompileMode, Precision
 from slidemil.config import save_config
 from slidemil.engine.heatmap import normalize_attention, prime_renderer
 from slidemil.engine.models import LoadedModel, open_models, warm_up
@@ -39,13 +40,13 @@ log = logging.getLogger(__name__)
 class ScoreConfig:
     """Settings of ``slidemil score`` (tiling comes from the package; these override parts of it)."""
 
-    backend: str = "auto"
+    backend: Backend = "auto"
     device: str = "auto"
-    precision: str = "auto"
+    precision: Precision = "auto"
     threads: int | None = None
-    torch_compile: str = "auto"
+    torch_compile: CompileMode = "auto"
     reading: PipelineConfig = PipelineConfig()
-    attention_norm: str = "percentile"
+    attention_norm: AttentionNorm = "percentile"
     top_k: int = 8
     heatmap_overlap: float = 0.0
     geojson: bool = True

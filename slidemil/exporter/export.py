@@ -42,11 +42,9 @@ from slidemil.artifacts.package import (
 )
 from slidemil.atomic import TMP_MARK, atomic_path, write_json
 from slidemil.errors import ConfigError, ExportError
-from slidemil.exporter.onnx import DEFAULT_OPSET, HEAD_OUTPUTS, export_backbone, export_head
-from slidemil.exporter.verify import (
+from slidemil.exporter.parity import (
     FIDELITY_TARGET,
     ParityConfig,
-    RunnerPair,
     fit_profiles,
     measure_parity,
     parity_tiles,
@@ -55,8 +53,9 @@ from slidemil.exporter.verify import (
 )
 from slidemil.models.backbones import CARD_FILE, BackboneCard, save_backbone, state_dict_sha256, unshared
 from slidemil.models.mil import AttentionMIL, BagHead, HeadConfig
+from slidemil.models.onnx import DEFAULT_OPSET, export_backbone, export_head
 from slidemil.models.preprocess import UInt8Backbone
-from slidemil.runtime.runners import OnnxRuntimeRunner, TorchRunner
+from slidemil.runtime.plan import ExecutionPlan, ModelFiles, build_runners
 from slidemil.slide.tiling import TilingConfig
 
 log = logging.getLogger(__name__)
@@ -191,7 +190,7 @@ def build_package(src: ExportSource, root: Path, cfg: ExportConfig) -> Manifest:
             graphs[kind]["fp16"] = convert_to_fp16(root / graph_file(kind), root / graph_file(kind, "fp16")).name
     parity_cfg = fit_profiles(cfg.parity, cfg.max_batch, {})
     tiles, tile_source = parity_tiles(src.tiling, px, parity_cfg.n_tiles, parity_cfg.slide, parity_cfg.seed)
-    parity = export_parity(root, module, head, graphs, tiles, parity_cfg)
+    parity = export_parity(root, module, head, src.card.feature_dim, graphs, tiles, parity_cfg)
     parity = {"reference": "torch fp32 (cpu)", "tiles": tile_source, "n_tiles": len(tiles), "tile_px": px,
               "fidelity_target": FIDELITY_TARGET, **parity}
     tensorrt = None
@@ -226,23 +225,23 @@ def save_torch_weights(root: Path, src: ExportSource) -> None:
     write_json(folder / HEAD_CONFIG_FILE, src.head_config.to_dict())
 
 
-def export_parity(root: Path, module: nn.Module, head: nn.Module, graphs: dict[str, dict[str, str]], tiles: Any,
-                  cfg: ParityConfig) -> dict[str, Any]:
-    """Torch fp32 vs ONNX Runtime (CPU) for every precision exported; ExportError if one misses its tolerance."""
-    ref = RunnerPair(TorchRunner(module, ["tiles"], ["features"], precision="fp32"),
-                     TorchRunner(head, ["features"], HEAD_OUTPUTS, precision="fp32", channels_last=False))
+def export_parity(root: Path, module: nn.Module, head: nn.Module, feature_dim: int, graphs: dict[str, dict[str, str]],
+                  tiles: Any, cfg: ParityConfig) -> dict[str, Any]:
+    """Torch fp32 vs ONNX Runtime (CPU) as the engine runs the graphs, for every backbone precision exported;
+    ExportError if one misses its tolerance."""
+    files = ModelFiles(root.name, int(tiles.shape[1]), feature_dim,
+                       {kind: {p: root / rel for p, rel in by_precision.items()} for kind, by_precision in graphs.items()},
+                       torch_models=lambda: (module, head))
     figures = {}
-    for precision in graphs["backbone"]:
-        cand = RunnerPair(*(OnnxRuntimeRunner(root / graphs[k][precision]) for k in ("backbone", "head")))
-        try:
-            result = measure_parity(ref, cand, tiles, cfg, tolerance_for(precision))
-        finally:
-            cand.close()
-        log.info("parity onnxruntime %s vs torch fp32: %s", precision, summary(result))
-        if not result["passed"]:
-            raise ExportError(f"ONNX {precision} graphs do not reproduce the torch model: {summary(result)}. "
-                              "Try the other exporter (--exporter legacy or dynamo) or another --opset")
-        figures[f"onnxruntime_{precision}"] = result
+    with build_runners(files, ExecutionPlan("torch", "cpu", "fp32", head="torch")) as ref:
+        for precision in graphs["backbone"]:
+            with build_runners(files, ExecutionPlan("onnxruntime", "cpu", precision)) as cand:
+                result = measure_parity(ref, cand, tiles, cfg, tolerance_for(precision))
+            log.info("parity onnxruntime %s vs torch fp32: %s", precision, summary(result))
+            if not result["passed"]:
+                raise ExportError(f"ONNX {precision} graphs do not reproduce the torch model: {summary(result)}. "
+                                  "Try the other exporter (--exporter legacy or dynamo) or another --opset")
+            figures[f"onnxruntime_{precision}"] = result
     return figures
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from slidemil.atomic import atomic_path
 from slidemil.errors import ExportError
-from slidemil.exporter.onnx import TWO_GB
+from slidemil.models.onnx import TWO_GB
 
 log = logging.getLogger(__name__)
 

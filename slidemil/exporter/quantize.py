@@ -35,9 +35,8 @@ import numpy as np
 from slidemil.artifacts.package import Package, library_versions, load_package, write_manifest
 from slidemil.atomic import TMP_MARK
 from slidemil.errors import BackendUnavailableError, ConfigError, ExportError, SlidemilError
-from slidemil.exporter.verify import (
+from slidemil.exporter.parity import (
     ParityConfig,
-    RunnerPair,
     colour_tiling,
     compare_bags,
     difference,
@@ -45,7 +44,7 @@ from slidemil.exporter.verify import (
     tolerance_for,
     whole_bag_figures,
 )
-from slidemil.runtime.runners import Runner
+from slidemil.runtime.plan import ExecutionPlan, ModelFiles, RunnerPair, build_runners
 from slidemil.slide.table import SlideEntry
 
 log = logging.getLogger(__name__)
@@ -247,20 +246,13 @@ def _bags(ref: RunnerPair, cand: RunnerPair, r: np.ndarray, c: np.ndarray, bags:
 def int8_parity(pkg: Package, xml: Path, held_out: list[PlannedSlide], cfg: QuantizeConfig) -> dict[str, Any]:
     """The gate: the int8 backbone (OpenVINO) + fp32 head (ONNX Runtime) against ONNX Runtime fp32 on the
     whole bag of each held-out slide; per-slide figures, and the tile-level ones as information."""
-    from slidemil.runtime.openvino_runner import OpenVinoRunner
-    from slidemil.runtime.runners import OnnxRuntimeRunner
-
     tolerance = tolerance_for("int8")
-    head = OnnxRuntimeRunner(pkg.head_onnx)  # the engine's head: ONNX Runtime fp32 on the CPU, both sides
-    backbones: list[Runner] = []
-    try:
-        backbones.append(OnnxRuntimeRunner(pkg.backbone_onnx))
-        backbones.append(OpenVinoRunner(xml, precision="int8", use_cache=False))
-        ref, cand = RunnerPair(backbones[0], head), RunnerPair(backbones[1], head)
+    files = ModelFiles.from_package(pkg)
+    files.int8_backbone = xml  # the candidate IR, still under its temporary name
+    # the engine's own runners: ONNX Runtime fp32 against the int8 backbone, the fp32 head on ONNX Runtime
+    with build_runners(files, ExecutionPlan("onnxruntime", "cpu", "fp32")) as ref, \
+            build_runners(files, ExecutionPlan("openvino", "cpu", "int8")) as cand:
         slides = [slide_parity(pkg, ref, cand, slide, cfg, tolerance) for slide in held_out]
-    finally:
-        for runner in (*backbones, head):
-            runner.close()
     worst = {k: max(s["probabilities"][k] for s in slides) for k in ("max_abs", "max_rel")}
     info = [s["information"] for s in slides]
     sub_bags = [i["sub_bags"] for i in info if i["sub_bags"]]

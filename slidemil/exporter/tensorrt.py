@@ -29,16 +29,16 @@ from slidemil.artifacts.package import (
 )
 from slidemil.atomic import TMP_MARK, atomic_path, write_bytes
 from slidemil.errors import ConfigError, ExportError
-from slidemil.exporter.verify import (
+from slidemil.exporter.parity import (
     ParityConfig,
-    RunnerPair,
     fit_profiles,
     measure_parity,
     parity_tiles,
     summary,
     tolerance_for,
 )
-from slidemil.runtime.tensorrt_runner import TensorRTRunner, device_info, import_tensorrt
+from slidemil.runtime.plan import ExecutionPlan, ModelFiles, build_runners
+from slidemil.runtime.tensorrt_runner import device_info, import_tensorrt
 
 log = logging.getLogger(__name__)
 
@@ -171,25 +171,22 @@ def build_engines(root: str | Path, tile_px: int, feature_dim: int, cfg: TensorR
 
 def engine_parity(root: Path, engines: dict[str, dict[str, str]], tiles: np.ndarray,
                   cfg: ParityConfig) -> dict[str, Any]:
-    """Each precision's engines vs ONNX Runtime fp32 (CUDA where installed, else CPU)."""
+    """Each precision's backbone engine, run as the engine scores (the head on ONNX Runtime fp32), against ONNX
+    Runtime fp32 (CUDA where installed, else CPU)."""
     from slidemil.runtime.runners import OnnxRuntimeRunner
     device = "cuda" if OnnxRuntimeRunner.available("cuda") else "cpu"
-    ref = RunnerPair(*(OnnxRuntimeRunner(root / graph_file(k), device=device) for k in KINDS))
+    files = ModelFiles(root.name, int(tiles.shape[1]), 0, {k: {"fp32": root / graph_file(k)} for k in KINDS},
+                       {p: {k: root / rel for k, rel in by_kind.items()} for p, by_kind in engines.items()})
     figures = {}
-    try:
-        for precision, files in engines.items():
-            cand = RunnerPair(*(TensorRTRunner(root / files[k]) for k in KINDS))
-            try:
+    with build_runners(files, ExecutionPlan("onnxruntime", device, "fp32")) as ref:
+        for precision in engines:
+            with build_runners(files, ExecutionPlan("tensorrt", "cuda", precision)) as cand:
                 result = measure_parity(ref, cand, tiles, cfg, tolerance_for(precision))
-            finally:
-                cand.close()
             log.info("parity tensorrt %s vs onnxruntime fp32 (%s): %s", precision, device, summary(result))
             if not result["passed"]:
                 raise ExportError(f"TensorRT {precision} engines miss their tolerance: {summary(result)}; "
                                   "build fp32 engines (--fp32) for this model")
             figures[precision] = {"reference": f"onnxruntime fp32 ({device})", **result}
-    finally:
-        ref.close()
     return figures
 
 

@@ -15,18 +15,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from slidemil.artifacts.features_folder import BACKBONE_DIR, features_path, record_backbone
 from slidemil.artifacts.tiling_record import copy_tiling_record, find_coords, load_tiling
 from slidemil.atomic import remove_temporaries_of
 from slidemil.batch import BatchLog
+from slidemil.choices import CompileMode, ExtractBackend, Precision
 from slidemil.config import save_config
-from slidemil.errors import ConfigError, SlidemilError
+from slidemil.errors import SlidemilError
 from slidemil.models.backbones import BackboneCard, create_backbone
 from slidemil.models.preprocess import UInt8Backbone
 from slidemil.runtime.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
-from slidemil.runtime.runners import Runner, TorchRunner, choose_backend, resolve_device
+from slidemil.runtime.plan import backbone_files, build_backbone_runner, plan_execution
+from slidemil.runtime.runners import Runner
 from slidemil.slide.grid import grid_from_coords
 from slidemil.slide.sources import prepare_tile_sources
 from slidemil.slide.store import is_complete, read_h5, write_h5
@@ -45,11 +46,11 @@ class ExtractConfig:
     backbone: str = "resnet50_trunc"
     weights: str | None = None
     checkpoint: str | None = None
-    backend: str = "auto"
+    backend: ExtractBackend = "auto"
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"
-    torch_compile: str = "auto"
+    precision: Precision = "auto"
+    torch_compile: CompileMode = "auto"
     reading: PipelineConfig = PipelineConfig()
     tiling: TilingConfig = field(default_factory=TilingConfig)
 
@@ -64,32 +65,6 @@ def prepare_backbone(cfg: ExtractConfig, out_dir: Path) -> tuple[UInt8Backbone, 
         model, card = create_backbone(cfg.backbone, cfg.weights)
     card = record_backbone(out_dir, model, card)
     return UInt8Backbone(model, card).eval(), card
-
-
-# Backends that extract, fastest first (``auto``): on a GPU torch with fp16 autocast; on the CPU OpenVINO
-# (bf16 where the CPU has it), then ONNX Runtime, then torch.
-EXTRACT_BACKENDS = {"cuda": ("torch",), "cpu": ("openvino", "onnxruntime", "torch")}
-
-
-def build_backbone_runner(module: nn.Module, card: BackboneCard, backend: str, device: str, precision: str,
-                          work_dir: Path, tile_px: int, torch_compile: str = "auto") -> Runner:
-    """A runner for the uint8 backbone on any backend (ONNX backends export the graph first, for ``tile_px`` tiles)."""
-    device = resolve_device(device)
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    backend = choose_backend(backend, device, usable=lambda name: name in EXTRACT_BACKENDS[kind])
-    if backend == "torch":
-        return TorchRunner(module, ["tiles"], ["features"], device=device, precision=precision, compile=torch_compile)
-    from slidemil.exporter.onnx import export_backbone
-    onnx_path = work_dir / f"backbone_{tile_px}px.onnx"
-    if not onnx_path.is_file():
-        export_backbone(module, onnx_path, tile_px)
-    if backend == "onnxruntime":
-        from slidemil.runtime.runners import OnnxRuntimeRunner
-        return OnnxRuntimeRunner(onnx_path, device=device)
-    if backend == "openvino":
-        from slidemil.runtime.openvino_runner import OpenVinoRunner
-        return OpenVinoRunner(onnx_path, precision=precision)
-    raise ConfigError(f"backend {backend!r} cannot extract features; use torch, onnxruntime or openvino")
 
 
 def plan_from_coords(coords_dir: Path) -> Any:
@@ -125,13 +100,14 @@ def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig
         log.info("all %d slides already have features in %s", len(entries), out)
         return batch
     planner = plan_from_coords(Path(coords_dir)) if coords_dir is not None else None
-    with build_backbone_runner(module, card, cfg.backend, cfg.device, cfg.precision, out / BACKBONE_DIR,
-                               cfg.tiling.tile.patch_size, cfg.torch_compile) as runner, \
-            TilePipeline(cfg.reading, cfg.tiling, planner) as pipeline:
+    files = backbone_files(module, card, out / BACKBONE_DIR, cfg.tiling.tile.patch_size)
+    plan = plan_execution(files, cfg.backend, cfg.device, cfg.precision, torch_compile=cfg.torch_compile)
+    log.info("extracting with %s", plan.describe())
+    with build_backbone_runner(files, plan) as runner, TilePipeline(cfg.reading, cfg.tiling, planner) as pipeline:
         px = cfg.tiling.tile.patch_size  # warm up: compilation and allocation before the first slide's clock
         runner.infer({"tiles": np.zeros((cfg.reading.batch_size, px, px, 3), np.uint8)})
         prepare_tile_sources(cfg.reading.tile_source)
-        extra = {"precision": getattr(runner, "precision", "fp32"), "backend": runner.describe(),
+        extra = {"precision": plan.precision, "backend": runner.describe(),
                  "weights_sha256": card.weights_sha256}
         for stream in pipeline.run(todo):
             batch.record(_extract_one(stream, runner, card, out, extra))

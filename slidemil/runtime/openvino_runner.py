@@ -17,7 +17,7 @@ import numpy as np
 
 from slidemil.atomic import file_lock
 from slidemil.errors import BackendUnavailableError, ConfigError
-from slidemil.runtime.runners import Feed, Key, Runner, cpu_threads, register_runner
+from slidemil.runtime.runners import Feed, Key, Runner, TensorMeta, cpu_threads, register_runner
 
 log = logging.getLogger(__name__)
 
@@ -60,44 +60,55 @@ class OpenVinoRunner(Runner):
         use_cache: keep compiled blobs in ``cache_dir()``.
     """
 
-    def __init__(self, model_path: str | Path, device: str = "cpu", precision: str = "auto",
+    def __init__(self, model_path: str | Path, device: str = "cpu", precision: str = "fp32",
                  threads: int | None = None, use_cache: bool = True) -> None:
+        if device != "cpu":
+            raise BackendUnavailableError("the OpenVINO runner runs on the CPU; use --device cpu")
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ConfigError(f"OpenVINO runs at fp32, bf16 or int8, not {precision!r}")
+        if precision == "int8" and Path(model_path).suffix != ".xml":
+            raise ConfigError(f"{Path(model_path).name} is not a quantized model; int8 runs backbone_int8.xml "
+                              "(slidemil quantize)")
+        self.model_path, self.precision, self.use_cache = Path(model_path), precision, use_cache
+        self.threads = threads or cpu_threads()
+        self.streams = 0
+
+    def _activate(self) -> None:
         try:
             import openvino as ov
         except ImportError as exc:
             raise BackendUnavailableError("OpenVINO is not installed: pip install openvino") from exc
-        if device not in ("cpu", "auto"):
-            raise BackendUnavailableError("the OpenVINO runner runs on the CPU; use --device cpu")
-        if precision == "auto":
-            precision = "bf16" if cpu_supports_bf16() else "fp32"
-        if precision not in ("fp32", "bf16", "int8"):
-            raise ConfigError(f"OpenVINO precision {precision!r}: use auto, fp32, bf16 or int8")
-        if precision == "int8" and Path(model_path).suffix != ".xml":
-            raise ConfigError(f"{Path(model_path).name} is not a quantized model; int8 runs backbone_int8.xml "
-                              "(slidemil quantize)")
-        self.precision = precision
         core = ov.Core()
-        threads = threads or cpu_threads()
         # int8 graphs keep some layers in floating point: bf16 for those where the CPU has it
-        half = precision == "bf16" or (precision == "int8" and cpu_supports_bf16())
+        half = self.precision == "bf16" or (self.precision == "int8" and cpu_supports_bf16())
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "bf16" if half else "f32",
-            "INFERENCE_NUM_THREADS": threads,
-            "PERFORMANCE_HINT": performance_hint(threads),
+            "INFERENCE_NUM_THREADS": self.threads,
+            "PERFORMANCE_HINT": performance_hint(self.threads),
         }
-        if use_cache:
+        if self.use_cache:
             cache_dir().mkdir(parents=True, exist_ok=True)
             config["CACHE_DIR"] = str(cache_dir())
-        if use_cache:
             # Processes sharing the cache (array jobs) must not write the same blob at once.
             with file_lock(cache_dir() / "compile"):
-                self.compiled = core.compile_model(str(model_path), "CPU", config)
+                self.compiled = core.compile_model(str(self.model_path), "CPU", config)
         else:
-            self.compiled = core.compile_model(str(model_path), "CPU", config)
+            self.compiled = core.compile_model(str(self.model_path), "CPU", config)
         self.output_names = tuple(o.get_any_name() for o in self.compiled.outputs)
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))
         depth = max(2, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._requests = deque(self.compiled.create_infer_request() for _ in range(depth))
+
+    def _deactivate(self) -> None:
+        self._requests.clear()
+        del self.compiled
+
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        out = {}
+        for port in self.compiled.inputs:
+            shape = tuple(int(d.get_length()) if d.is_static else None for d in port.get_partial_shape())
+            out[port.get_any_name()] = TensorMeta(str(port.get_element_type().to_dtype()), shape)
+        return out
 
     @classmethod
     def available(cls, device: str) -> bool:
@@ -109,7 +120,7 @@ class OpenVinoRunner(Runner):
             return False
         return True
 
-    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
+    def _infer(self, feed: Feed) -> dict[str, np.ndarray]:
         request = self._requests[0]
         self._requests.rotate(-1)  # the next call uses the other request: outputs stay valid meanwhile
         request.infer(feed, share_inputs=True)
@@ -121,6 +132,7 @@ class OpenVinoRunner(Runner):
         While the caller takes one batch's outputs and the reader threads hand over the next batch,
         the CPU plugin is already running the following one: the model never waits for Python.
         """
+        self._require_active()
         idle = deque(self._requests)
         in_flight: deque[tuple[Key, Any, Feed]] = deque()  # the feed stays referenced: inputs are shared
         try:
@@ -148,4 +160,5 @@ class OpenVinoRunner(Runner):
                 for name, out in zip(self.output_names, self.compiled.outputs)}
 
     def describe(self) -> str:
-        return f"openvino (CPU, {self.precision}, {self.streams} stream{'s' if self.streams > 1 else ''})"
+        streams = f", {self.streams} stream{'s' if self.streams > 1 else ''}" if self.streams else ""
+        return f"openvino (CPU, {self.precision}{streams})"

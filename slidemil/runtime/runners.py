@@ -1,9 +1,11 @@
 """Inference runners: one interface over torch, ONNX Runtime, OpenVINO and TensorRT.
 
-Every runner is a context manager with ``infer(feed) -> outputs`` (name -> numpy array), like
-Polygraphy's runners. Runners register by backend name; ``auto`` picks the fastest one present for
-the device and logs its choice. Heavy backends are imported when a runner is built, never at
-import time of this module.
+As Polygraphy's runners: building a runner is cheap and loads nothing; it is activated as a context
+manager (``with runner:`` loads or compiles the model, leaving the block releases it) and then maps
+named numpy inputs to named numpy outputs with ``infer(feed)``. An active runner declares its inputs
+(``input_metadata()``: dtype, shape with None for dynamic axes, the batch range it takes). Runners
+register by backend name; which backend, device and precision run is decided in one place,
+:mod:`slidemil.runtime.plan`. Heavy backends are imported on activation, never at import time.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import logging
 import os
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +27,24 @@ log = logging.getLogger(__name__)
 
 RUNNERS: dict[str, type[Runner]] = {}
 Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a runner takes as one input: numpy dtype name, shape (None: dynamic) and first-axis range."""
+
+    dtype: str
+    shape: tuple[int | None, ...]
+    batch_range: tuple[int, int | None] = (1, None)  # min and max of the first axis (None: no limit)
+
+    def check(self, name: str, array: np.ndarray) -> None:
+        """ConfigError when ``array`` does not fit (dtype, rank, fixed axes, batch range)."""
+        fixed_ok = all(want is None or want == got for want, got in zip(self.shape[1:], array.shape[1:]))
+        low, high = self.batch_range
+        if (str(array.dtype) != self.dtype or array.ndim != len(self.shape) or not fixed_ok
+                or len(array) < low or (high is not None and len(array) > high)):
+            raise ConfigError(f"input {name!r} of {array.dtype} {array.shape} does not fit the model's {self.dtype} "
+                              f"{self.shape} (batch {low}..{high or 'any'})")
 Key = TypeVar("Key")
 # Preference of ``auto``, fastest first, per device kind.
 AUTO_ORDER = {"cuda": ("tensorrt", "onnxruntime", "torch"), "cpu": ("openvino", "onnxruntime", "torch")}
@@ -39,19 +60,63 @@ def register_runner(name: str) -> Callable[[type[Runner]], type[Runner]]:
 
 
 class Runner(ABC):
-    """A loaded model that maps named numpy inputs to named numpy outputs."""
+    """A model that maps named numpy inputs to named numpy outputs once activated (``with runner:``).
+
+    Subclasses load the model in ``_activate``, release it in ``_deactivate`` and run it in ``_infer``.
+    """
 
     backend = "abstract"
     output_names: tuple[str, ...] = ()
+    precision = "fp32"
+    active = False
 
     @classmethod
     def available(cls, device: str) -> bool:
         """Whether the backend is installed and can run on ``device`` ("cpu" or "cuda")."""
         return True
 
+    # -- activation (Polygraphy's model) ----------------------------------------------------
+    def activate(self) -> Runner:
+        """Load the model (idempotent); returns the runner."""
+        if not self.active:
+            self._activate()
+            self.active = True
+        return self
+
+    def deactivate(self) -> None:
+        """Release the model and its device memory (idempotent)."""
+        if self.active:
+            self.active = False
+            self._deactivate()
+
+    close = deactivate
+
+    def __enter__(self) -> Runner:
+        return self.activate()
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
     @abstractmethod
+    def _activate(self) -> None:
+        """Load or compile the model."""
+
+    def _deactivate(self) -> None:
+        """Drop the model."""
+
+    def _require_active(self) -> None:
+        if not self.active:
+            raise RuntimeError(f"{type(self).__name__} is not active: use it inside `with runner:` (or activate())")
+
+    # -- inference ---------------------------------------------------------------------------
     def infer(self, feed: Feed) -> dict[str, np.ndarray]:
         """Run the model on ``feed``; arrays come back on the host, float32 unless integer."""
+        self._require_active()
+        return self._infer(feed)
+
+    @abstractmethod
+    def _infer(self, feed: Feed) -> dict[str, np.ndarray]:
+        """``infer`` of an active runner."""
 
     def infer_stream(self, feeds: Iterable[tuple[Key, Feed]]) -> Iterator[tuple[Key, dict[str, np.ndarray]]]:
         """``(key, outputs)`` for each ``(key, feed)``, in order.
@@ -59,17 +124,13 @@ class Runner(ABC):
         This one runs the feeds one at a time. Runners with asynchronous requests override it to keep
         the next feed in flight while the caller takes the outputs of the current one.
         """
+        self._require_active()
         for key, feed in feeds:
-            yield key, self.infer(feed)
+            yield key, self._infer(feed)
 
-    def close(self) -> None:
-        """Release the model and its device memory."""
-
-    def __enter__(self) -> Runner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    @abstractmethod
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        """The inputs of the active model, by name."""
 
     def describe(self) -> str:
         return self.backend
@@ -113,33 +174,43 @@ class TorchRunner(Runner):
             backbones (each output row depends on its own tile) and wrong for a MIL head.
     """
 
-    def __init__(self, module: Any, input_names: Sequence[str], output_names: Sequence[str],
+    def __init__(self, module: Any, inputs: Mapping[str, TensorMeta], output_names: Sequence[str],
                  device: str = "cpu", precision: str = "fp32", channels_last: bool = True,
-                 compile: str = "off") -> None:
+                 compile: bool = False) -> None:
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"torch runs at fp32, fp16 or bf16, not {precision!r}")
+        self._module, self._inputs = module, dict(inputs)
+        self.input_names, self.output_names = tuple(inputs), tuple(output_names)
+        self.device_name, self.precision = resolve_device(device), precision
+        self.channels_last, self.compiled = channels_last, compile
+        self._fell_back = False  # torch.compile failed to build: running eagerly
+
+    def _activate(self) -> None:
         import torch
         self._torch = torch
-        self.device = torch.device(resolve_device(device))
-        self.input_names, self.output_names = tuple(input_names), tuple(output_names)
-        if precision == "auto":
-            precision = "fp16" if self.device.type == "cuda" else "fp32"
-        if precision not in ("fp32", "fp16", "bf16"):
-            raise ConfigError(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
-        self.precision = precision
-        module = module.eval().to(self.device)
-        self.module = module.to(memory_format=torch.channels_last) if channels_last else module
-        self.compiled = _should_compile(compile, self.device.type, precision)
+        self.device = torch.device(self.device_name)
+        module = self._module.eval().to(self.device)
+        self.module = module.to(memory_format=torch.channels_last) if self.channels_last else module
         self._eager = self.module
         if self.compiled:
             self.module = torch.compile(self.module, dynamic=False)
         self._batch = 0  # largest batch seen (compiled modules pad smaller ones up to it)
         self._built = False
 
+    def _deactivate(self) -> None:
+        self.module = self._eager = None
+        if self.device.type == "cuda":
+            self._torch.cuda.empty_cache()
+
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        return dict(self._inputs)
+
     @classmethod
     def available(cls, device: str) -> bool:
         import torch
         return device == "cpu" or torch.cuda.is_available()
 
-    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
+    def _infer(self, feed: Feed) -> dict[str, np.ndarray]:
         torch = self._torch
         arrays = [feed[n] for n in self.input_names]
         n = len(arrays[0])
@@ -160,26 +231,17 @@ class TorchRunner(Runner):
             out = self.module(*args)
         except Exception as exc:  # TorchInductor failing to build: no working compiler, an unsupported op
             log.warning("torch.compile failed (%s: %s); running eagerly", type(exc).__name__, str(exc)[:200])
-            self.module = self._eager
+            self.module, self._fell_back = self._eager, True
             out = self.module(*args)
         self._built = True
         return out
 
     def describe(self) -> str:
-        compiled = ", compiled" if self.compiled and self.module is not self._eager else ""
-        return f"torch ({self.device}, {self.precision}{compiled})"
+        compiled = ", compiled" if self.compiled and not self._fell_back else ""
+        return f"torch ({self.device_name}, {self.precision}{compiled})"
 
 
-def _should_compile(mode: str, device_type: str, precision: str) -> bool:
-    if mode not in ("auto", "on", "off"):
-        raise ConfigError(f"unknown compile mode {mode!r}; use auto, on or off")
-    if mode == "auto":
-        # Measured on a 2-core AVX-512 CPU: bf16 autocast compiled runs about 2x eager; fp32 gains little.
-        return device_type == "cpu" and precision == "bf16" and _has_cxx_compiler()
-    return mode == "on"
-
-
-def _has_cxx_compiler() -> bool:
+def has_cxx_compiler() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
 
 
@@ -203,14 +265,17 @@ class OnnxRuntimeRunner(Runner):
     """An ONNX graph in ONNX Runtime: CPU provider with the given threads, or CUDA with IO binding."""
 
     def __init__(self, model_path: str | Path, device: str = "cpu", threads: int | None = None) -> None:
+        self.model_path, self.device, self.threads = Path(model_path), resolve_device(device), threads
+        self.precision = "fp16" if "fp16" in self.model_path.name else "fp32"
+
+    def _activate(self) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime "
                                           "(or onnxruntime-gpu for CUDA)") from exc
-        self.device = resolve_device(device)
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or cpu_threads()
+        opts.intra_op_num_threads = self.threads or cpu_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.device.startswith("cuda"):
@@ -220,10 +285,16 @@ class OnnxRuntimeRunner(Runner):
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": _device_index(self.device)})]
         else:
             providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
-        self.precision = "fp16" if "fp16" in Path(model_path).name else "fp32"
+        self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
         self.output_names = tuple(o.name for o in self.session.get_outputs())
-        self._ort = ort
+
+    def _deactivate(self) -> None:
+        del self.session
+
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        return {i.name: TensorMeta(ORT_DTYPES.get(i.type, i.type),
+                                   tuple(d if isinstance(d, int) else None for d in i.shape))
+                for i in self.session.get_inputs()}
 
     @classmethod
     def available(cls, device: str) -> bool:
@@ -233,7 +304,7 @@ class OnnxRuntimeRunner(Runner):
             return False
         return device == "cpu" or "CUDAExecutionProvider" in ort.get_available_providers()
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.device.startswith("cuda"):
             return dict(zip(self.output_names, self.session.run(None, feed)))
         binding = self.session.io_binding()
@@ -245,7 +316,11 @@ class OnnxRuntimeRunner(Runner):
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
     def describe(self) -> str:
-        return f"onnxruntime ({self.session.get_providers()[0]})"
+        provider = "CUDAExecutionProvider" if self.device.startswith("cuda") else "CPUExecutionProvider"
+        return f"onnxruntime ({provider})"
+
+
+ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
 def _device_index(device: str) -> int:

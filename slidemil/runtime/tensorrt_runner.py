@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from slidemil.errors import BackendUnavailableError, ConfigError, PackageError
-from slidemil.runtime.runners import Runner, register_runner
+from slidemil.runtime.runners import Runner, TensorMeta, register_runner
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,14 @@ class TensorRTRunner(Runner):
     """
 
     def __init__(self, plan_path: str | Path, device: str = "cuda") -> None:
+        self.plan_path, self.device_name = Path(plan_path), device if str(device).startswith("cuda") else "cuda"
+        self.precision = "fp32" if "fp32" in self.plan_path.name else "fp16"
+
+    def _activate(self) -> None:
         trt = import_tensorrt()
         import torch
         self._torch = torch
-        self.device = torch.device(device if str(device).startswith("cuda") else "cuda")
-        self.plan_path = Path(plan_path)
+        self.device = torch.device(self.device_name)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         with torch.cuda.device(self.device):
             self.engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
@@ -90,7 +93,10 @@ class TensorRTRunner(Runner):
             names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
             self.input_names = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
             self.output_names = tuple(n for n in names if n not in self.input_names)
-            self.max_shapes = {n: tuple(self.engine.get_tensor_profile_shape(n, 0)[2]) for n in self.input_names}
+            profiles = {n: self.engine.get_tensor_profile_shape(n, 0) for n in self.input_names}
+            self.min_shapes = {n: tuple(p[0]) for n, p in profiles.items()}
+            self.max_shapes = {n: tuple(p[2]) for n, p in profiles.items()}
+            self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))).name for n in self.input_names}
             for name, shape in self.max_shapes.items():
                 self.context.set_input_shape(name, shape)
             self._device_buf: dict[str, Any] = {}
@@ -116,7 +122,14 @@ class TensorRTRunner(Runner):
             return False
         return True
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        # dims that vary across the profile are dynamic; the first axis takes min..max of the profile
+        return {n: TensorMeta(self._dtypes[n], tuple(hi if lo == hi else None for lo, hi in
+                                                     zip(self.min_shapes[n], self.max_shapes[n])),
+                              (int(self.min_shapes[n][0]), None if self._batchwise else int(self.max_shapes[n][0])))
+                for n in self.input_names}
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         name = self.input_names[0]
         limit, n = self.max_shapes[name][0], len(feed[name])
         if n <= limit:
@@ -151,11 +164,11 @@ class TensorRTRunner(Runner):
             out[name] = arr.astype(np.float32) if arr.dtype == np.float16 else arr.copy()
         return out
 
-    def close(self) -> None:
+    def _deactivate(self) -> None:
         self.context = None
         self.engine = None
         self._device_buf.clear()
         self._host_buf.clear()
 
     def describe(self) -> str:
-        return f"tensorrt ({self.plan_path.name}, {self.device})"
+        return f"tensorrt ({self.plan_path.name}, {self.device_name})"

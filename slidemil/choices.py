@@ -1,0 +1,30 @@
+"""The choices users make by name, as ``Literal`` types: one definition each.
+
+Config dataclasses annotate their fields with these; ``slidemil.config.from_dict`` checks a value
+against the Literal once, when a config is built (from YAML, the command line or a saved record),
+and the CLI offers the same values (``choices_of``).
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+Backend = Literal["auto", "tensorrt", "onnxruntime", "openvino", "torch"]
+ExtractBackend = Literal["auto", "torch", "onnxruntime", "openvino"]
+DeviceKind = Literal["auto", "cpu", "cuda"]  # a config may also name "cuda:N"; see runtime.runners.resolve_device
+Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+CompileMode = Literal["auto", "on", "off"]
+AttentionNorm = Literal["percentile", "minmax", "softmax", "raw"]
+TileSourceKind = Literal["auto", "openslide", "jpeg"]
+TissueMethod = Literal["otsu", "whole", "mask"]
+MilType = Literal["gated", "simple"]
+TrainingMode = Literal["features", "end2end"]
+LossName = Literal["ce", "focal"]
+Scheduler = Literal["cosine", "plateau", "none"]
+Exporter = Literal["auto", "dynamo", "legacy"]
+
+
+def choices_of(literal: object) -> list[str]:
+    """The values of a Literal type, for ``argparse`` ``choices``."""
+    return [str(v) for v in typing.get_args(literal)]
