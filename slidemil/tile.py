@@ -12,7 +12,7 @@ from typing import Any
 
 from slidemil.artifacts.tiling_record import coords_path, write_tiling_record
 from slidemil.atomic import remove_temporaries_of
-from slidemil.batch import BatchLog, run_batch
+from slidemil.jobs import ResultsTable, run_batch
 from slidemil.slide.reader import open_slide
 from slidemil.slide.store import is_complete, write_h5
 from slidemil.slide.table import SlideEntry, load_slides
@@ -35,7 +35,7 @@ def tile_slide(entry: SlideEntry, out_dir: Path, cfg: TilingConfig) -> dict[str,
 
 
 def tile_slides(slides: str | Path, out_dir: str | Path, cfg: TilingConfig | None = None,
-                slide_mpp: float | None = None, workers: int = 1) -> BatchLog:
+                slide_mpp: float | None = None, workers: int = 1) -> ResultsTable:
     """Tile every slide of a folder, glob or CSV into ``out_dir``; resumes, records failures."""
     cfg = cfg or TilingConfig()
     out = Path(out_dir)

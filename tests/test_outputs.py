@@ -228,6 +228,7 @@ def test_predictions_table_round_trips(tmp_path: Path):
                   "prob_normal": np.float32(0.25), "prob_tumor": 0.75, "n_tiles": 120, "seconds": 1.5,
                   "tiles_per_s": 80.0, "m0_prob_tumor": 0.7})
     table.append({"slide_id": "bad", "status": "error", "error": "SlideOpenError: corrupt", "seconds": 0.1})
+    table.close()  # the JSON copy is written when a run closes (compacts) its table
     again = PredictionsTable(tmp_path, CLASSES)
     assert again.rows == table.rows
     assert again.get("001")["pred_index"] == 1 and again.get("bad")["pred_class"] == ""

@@ -22,15 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from slidemil.atomic import TMP_MARK, atomic_path, file_lock, remove_temporaries_of, write_json
+from slidemil.atomic import TMP_MARK, atomic_path, write_json
 from slidemil.engine.heatmap import attention_grid, grid_sidecar, grid_to_pixels, overlay_png
+from slidemil.jobs import ResultsTable
 from slidemil.slide.grid import TileGrid
 from slidemil.slide.tiling import write_png
 
-TEXT_COLUMNS = ("slide_id", "status", "error", "pred_class")
-INT_COLUMNS = ("pred_index", "n_tiles")
 TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
@@ -251,79 +249,23 @@ def _clean(value: Any, text: bool = False) -> Any:
     return value
 
 
-def _cell(key: str, value: Any) -> Any:
-    """A table cell: text columns never None, integer columns back to int after a CSV round trip."""
-    value = _clean(value, key in TEXT_COLUMNS)
-    if key in TEXT_COLUMNS:
-        return str(value)
-    if key in INT_COLUMNS and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+def prediction_columns(class_names: list[str]) -> list[str]:
+    """slide_id, status, error, pred_class, pred_index, ``prob_<class>`` per class, n_tiles, seconds, tiles_per_s."""
+    return (["slide_id", "status", "error", "pred_class", "pred_index"] + [f"prob_{c}" for c in class_names]
+            + ["n_tiles", "seconds", "tiles_per_s"])
 
 
-class PredictionsTable:
-    """``predictions.csv`` and ``predictions.json``: one row per slide, rewritten atomically per row.
+class PredictionsTable(ResultsTable):
+    """``predictions.csv`` (and ``predictions.json`` with the class names): the scoring job's results table.
 
-    Rows are keyed by ``slide_id`` (a re-run replaces a slide's row) and loaded back from an existing
-    CSV so that a resumed run keeps its earlier rows. Columns: slide_id, status, error, pred_class,
-    pred_index, ``prob_<class>`` per class, n_tiles, seconds, tiles_per_s, then any others sorted.
+    Columns: :func:`prediction_columns`, then any others rows bring (attention_norm, ensemble members'
+    probabilities), sorted. Shards of one job append to it together (see :class:`slidemil.jobs.ResultsTable`).
     """
 
     def __init__(self, out_dir: str | Path, class_names: list[str]) -> None:
-        self.csv_path = Path(out_dir) / "predictions.csv"
-        self.json_path = Path(out_dir) / "predictions.json"
         self.class_names = list(class_names)
-        self.columns = (["slide_id", "status", "error", "pred_class", "pred_index"]
-                        + [f"prob_{c}" for c in self.class_names] + ["n_tiles", "seconds", "tiles_per_s"])
-        self.rows: dict[str, dict[str, Any]] = self._read()
-        self._mine: set[str] = set()
-
-    def _read(self) -> dict[str, dict[str, Any]]:
-        rows: dict[str, dict[str, Any]] = {}
-        if self.csv_path.is_file():
-            old = pd.read_csv(self.csv_path, dtype={c: str for c in TEXT_COLUMNS})
-            for row in old.to_dict("records"):  # extra columns a row never had come back empty: drop them
-                cells = {k: _cell(k, v) for k, v in row.items()}
-                rows[cells["slide_id"]] = {k: v for k, v in cells.items() if k in self.columns or v is not None}
-        return rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def get(self, slide_id: str) -> dict[str, Any] | None:
-        """The row of ``slide_id``, or None."""
-        return self.rows.get(slide_id)
-
-    def append(self, row: dict[str, Any]) -> None:
-        """Add (or replace) the row of ``row['slide_id']`` and rewrite both files."""
-        clean = {c: _cell(c, None) for c in self.columns} | {k: _cell(k, v) for k, v in row.items()}
-        self.rows[clean["slide_id"]] = clean
-        self._mine.add(clean["slide_id"])
-        with file_lock(self.csv_path):  # shards of one job (SLURM arrays) share the table
-            remove_temporaries_of(self.csv_path)  # left by a killed writer; none is being written now
-            remove_temporaries_of(self.json_path)
-            self.rows = {**self._read(), **{k: v for k, v in self.rows.items() if k in self._mine}}
-            self.flush()
-
-    record = append  # same verb as slidemil.batch.BatchLog
-
-    def all_columns(self) -> list[str]:
-        """The fixed columns, then any others present in rows, sorted."""
-        return self.columns + sorted({k for r in self.rows.values() for k in r} - set(self.columns))
-
-    def frame(self) -> pd.DataFrame:
-        """The table as a DataFrame in column order."""
-        return pd.DataFrame(list(self.rows.values()), columns=self.all_columns())
-
-    def flush(self) -> None:
-        """Rewrite ``predictions.csv`` and ``predictions.json`` atomically."""
-        columns = self.all_columns()
-        with atomic_path(self.csv_path) as tmp:
-            self.frame().to_csv(tmp, index=False)
-        rows = [{c: r.get(c, "" if c in TEXT_COLUMNS else None) for c in columns} for r in self.rows.values()]
-        with atomic_path(self.json_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"class_names": self.class_names, "columns": columns, "rows": rows}, f, indent=1,
-                      allow_nan=False)
+        super().__init__(Path(out_dir) / "predictions.csv", prediction_columns(self.class_names),
+                         json_path=Path(out_dir) / "predictions.json", json_extra={"class_names": self.class_names})
 
 
 def _finite(obj: Any) -> Any:

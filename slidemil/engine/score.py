@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from slidemil.atomic import remove_temporaries_of
 from slidemil.choices import AttentionNorm, Backend, CompileMode, Precision
 from slidemil.config import save_config
 from slidemil.engine.heatmap import normalize_attention, prime_renderer
 from slidemil.engine.models import LoadedModel, open_models, warm_up
 from slidemil.engine.outputs import PredictionsTable, outputs_complete, slide_paths, write_run_summary
 from slidemil.engine.slide_outputs import SlideResult, write_slide_outputs
-from slidemil.errors import NoTissueError, SlidemilError
+from slidemil.errors import NoTissueError
+from slidemil.jobs import FAILURES, error_text, pending
 from slidemil.runtime.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
 from slidemil.slide.sources import prepare_tile_sources
 from slidemil.slide.table import load_slides, select_shard
@@ -77,26 +77,23 @@ def score_slides(model_dirs: list[str | Path], slides: str | Path, out_dir: str 
         prime_renderer()
         load_seconds = time.perf_counter() - start
         class_names = list(models[0].package.class_names)
-        table = PredictionsTable(out, class_names)
         tiling = scoring_tiling(models, cfg)
         save_config(cfg, out / "score_config.json", models=[str(m) for m in model_dirs], tiling=tiling,
                     slides=str(slides), shard=shard)
-        todo = [e for e in entries if not _done(table, out, e.slide_id, cfg)]
-        for entry in todo:  # a killed run may have left temporaries of these slides' files
-            for path in slide_paths(out, entry.slide_id).values():
-                remove_temporaries_of(path)
-        log.info("%d slides to score (%d already done)", len(todo), len(entries) - len(todo))
-        n_tiles = _run(models, todo, out, cfg, tiling, table, class_names)
+        with PredictionsTable(out, class_names) as table:
+            todo = pending(entries, table, lambda e: _complete(out, e.slide_id, cfg),
+                           lambda e: slide_paths(out, e.slide_id).values())
+            log.info("%d slides to score (%d already done)", len(todo), len(entries) - len(todo))
+            n_tiles = _run(models, todo, out, cfg, tiling, table, class_names)
         summary = _summary(table, models, cfg, n_tiles, time.perf_counter() - start, load_seconds, len(todo))
     name = f"run_summary.shard-{shard.replace('/', '-of-')}.json" if shard else "run_summary.json"
     write_run_summary(out / name, **summary)
     return summary
 
 
-def _done(table: PredictionsTable, out: Path, slide_id: str, cfg: ScoreConfig) -> bool:
-    row = table.get(slide_id)
-    return bool(row and row.get("status") == "ok" and outputs_complete(
-        out, slide_id, want_geojson=cfg.geojson, want_topk=cfg.top_k, want_overlap=cfg.heatmap_overlap > 0))
+def _complete(out: Path, slide_id: str, cfg: ScoreConfig) -> bool:
+    return outputs_complete(out, slide_id, want_geojson=cfg.geojson, want_topk=cfg.top_k,
+                            want_overlap=cfg.heatmap_overlap > 0)
 
 
 def _run(models: list[LoadedModel], todo: list[Any], out: Path, cfg: ScoreConfig, tiling: TilingConfig,
@@ -131,11 +128,11 @@ def _score_stream(stream: SlideStream, models: list[LoadedModel], cfg: ScoreConf
             raise NoTissueError(f"{stream.entry.slide_id}: no tissue tiles to score")
         features = backbone_features(stream, [m.backbone for m in models], [m.package.card.feature_dim for m in models])
         heads = [m.head.infer({"features": f}) for m, f in zip(models, features)]
-    except (SlidemilError, OSError, ValueError, RuntimeError) as exc:
+    except FAILURES as exc:
         stream.drain()
         log.warning("%s: %s", stream.entry.slide_id, exc)
-        row.update(status="error", error=str(exc) if isinstance(exc, SlidemilError) else f"{type(exc).__name__}: {exc}",
-                   n_tiles=stream.n_tiles, seconds=round(time.perf_counter() - start, 3))
+        row.update(status="error", error=error_text(exc), n_tiles=stream.n_tiles,
+                   seconds=round(time.perf_counter() - start, 3))
         return SlideResult(stream=stream, row=row)
     return _combine(stream, models, heads, cfg, class_names, row, time.perf_counter() - start)
 
@@ -161,10 +158,9 @@ def _add_overlap_attention(result: SlideResult, models: list[LoadedModel], cfg: 
     """Score the overlapping grid too; a read error there fails the slide, not the batch."""
     try:
         result.overlap_attention = _overlap_attention(result.stream, models, cfg, tiling)
-    except (SlidemilError, OSError, ValueError, RuntimeError) as exc:
+    except FAILURES as exc:
         log.warning("%s: overlapping grid: %s", result.stream.entry.slide_id, exc)
-        error = str(exc) if isinstance(exc, SlidemilError) else f"{type(exc).__name__}: {exc}"
-        result.row.update(status="error", error=f"overlapping grid: {error}")
+        result.row.update(status="error", error=f"overlapping grid: {error_text(exc)}")
 
 
 def _overlap_attention(stream: SlideStream, models: list[LoadedModel], cfg: ScoreConfig,

@@ -15,14 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from slidemil.artifacts.features_folder import BACKBONE_DIR, features_path, record_backbone
 from slidemil.artifacts.tiling_record import copy_tiling_record, find_coords, load_tiling
-from slidemil.atomic import remove_temporaries_of
-from slidemil.batch import BatchLog
 from slidemil.choices import CompileMode, ExtractBackend, Precision
 from slidemil.config import save_config
-from slidemil.errors import SlidemilError
+from slidemil.jobs import FAILURES, ResultsTable, error_text, pending
 from slidemil.models.backbones import BackboneCard, create_backbone
 from slidemil.models.preprocess import UInt8Backbone
 from slidemil.runtime.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
@@ -80,7 +79,7 @@ def plan_from_coords(coords_dir: Path) -> Any:
 
 def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig,
                      coords_dir: str | Path | None = None, slide_mpp: float | None = None,
-                     shard: str | None = None) -> BatchLog:
+                     shard: str | None = None) -> ResultsTable:
     """Extract features of every slide (coords from ``coords_dir``, or tiled on the fly)."""
     out = Path(out_dir)
     entries = select_shard(load_slides(slides, slide_mpp), shard)
@@ -91,14 +90,18 @@ def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig
     module, card = prepare_backbone(cfg, out)
     save_config(cfg, out / "extract_config.json", slides=str(slides), coords=str(coords_dir), backbone_card=card.to_dict())
     copy_tiling_record(coords_dir, out, cfg.tiling)
-    batch = BatchLog(out / "extraction.csv", EXTRACT_COLUMNS)
-    todo = [e for e in entries if not (is_complete(features_path(out, e.slide_id), need_features=True)
-                                       and (batch.get(e.slide_id) or {}).get("status") == "ok")]
-    for entry in todo:  # a killed run may have left a temporary of this slide's file
-        remove_temporaries_of(features_path(out, entry.slide_id))
-    if not todo:
-        log.info("all %d slides already have features in %s", len(entries), out)
-        return batch
+    with ResultsTable(out / "extraction.csv", EXTRACT_COLUMNS) as table:
+        todo = pending(entries, table, lambda e: is_complete(features_path(out, e.slide_id), need_features=True),
+                       lambda e: [features_path(out, e.slide_id)])
+        if not todo:
+            log.info("all %d slides already have features in %s", len(entries), out)
+        else:
+            _extract(todo, cfg, module, card, out, coords_dir, table)
+    return table
+
+
+def _extract(todo: list[SlideEntry], cfg: ExtractConfig, module: nn.Module, card: BackboneCard, out: Path,
+             coords_dir: str | Path | None, table: ResultsTable) -> None:
     planner = plan_from_coords(Path(coords_dir)) if coords_dir is not None else None
     files = backbone_files(module, card, out / BACKBONE_DIR, cfg.tiling.tile.patch_size)
     plan = plan_execution(files, cfg.backend, cfg.device, cfg.precision, torch_compile=cfg.torch_compile)
@@ -110,8 +113,7 @@ def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig
         extra = {"precision": plan.precision, "backend": runner.describe(),
                  "weights_sha256": card.weights_sha256}
         for stream in pipeline.run(todo):
-            batch.record(_extract_one(stream, runner, card, out, extra))
-    return batch
+            table.record(_extract_one(stream, runner, card, out, extra))
 
 
 def _has_coords(coords_dir: Path, slide_id: str) -> bool:
@@ -134,10 +136,10 @@ def _extract_one(stream: SlideStream, runner: Runner, card: BackboneCard, out: P
         seconds = time.perf_counter() - start
         row.update(status="ok", error="", n_tiles=stream.n_tiles,
                    tiles_per_s=round(stream.n_tiles / seconds, 2) if seconds > 0 else 0.0)
-    except (SlidemilError, OSError, ValueError, RuntimeError) as exc:
+    except FAILURES as exc:
         stream.drain()
         log.warning("%s: %s", stream.entry.slide_id, exc)
-        row.update(status="error", error=str(exc) if isinstance(exc, SlidemilError) else f"{type(exc).__name__}: {exc}")
+        row.update(status="error", error=error_text(exc))
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
 
