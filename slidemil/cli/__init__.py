@@ -1,7 +1,7 @@
 """`slidemil <command>`: the command line, on the top floor of the package.
 
 Each stage has its module here (``synth``, ``tile``, ``extract``, ``train``, ``export``, ``score``,
-``report``, ``check``, ``demo``) with its options and a shim that builds the stage's typed config
+``heatmap``, ``report``, ``check``, ``doctor``, ``demo``) with its options and a shim that builds the stage's typed config
 (YAML file via ``--config``, then command-line overrides) and calls one library function. The
 commands are listed explicitly below; no library module imports the CLI.
 """
@@ -14,13 +14,13 @@ import sys
 from collections.abc import Sequence
 
 from slidemil import __version__
-from slidemil.cli import check, demo, export, extract, report, score, synth, tile, train
+from slidemil.cli import check, demo, doctor, export, extract, heatmap, report, score, synth, tile, train
 from slidemil.cli.common import Command
 from slidemil.errors import SlidemilError
 
 log = logging.getLogger("slidemil")
 
-STAGES = (synth, tile, extract, train, export, score, report, check, demo)
+STAGES = (synth, tile, extract, train, export, score, heatmap, report, check, doctor, demo)
 COMMANDS: dict[str, Command] = {c.name: c for stage in STAGES for c in stage.COMMANDS}
 
 

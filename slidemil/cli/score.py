@@ -26,6 +26,8 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, help="most attended tiles saved per slide (8; 0 = none)")
     p.add_argument("--heatmap-overlap", type=float, help="extra overlapping grid for a smoother map (e.g. 0.5)")
     p.add_argument("--no-geojson", action="store_true", help="skip the QuPath GeoJSON files")
+    p.add_argument("--no-viewer-files", action="store_true",
+                   help="skip the OME-TIFF attention overlay and the QuPath annotations (tissue, top tiles)")
     p.add_argument("--min-tissue", type=float, help="override the package's minimum tissue fraction")
     p.add_argument("--allow-upsample", action="store_true", default=None,
                    help="score slides scanned coarser than the model's mpp (their tiles are blown up)")
@@ -41,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"backend": args.backend, "device": args.device, "precision": args.precision,
                  "threads": args.threads, "torch_compile": args.torch_compile, "attention_norm": args.attention_norm, "top_k": args.top_k,
                  "heatmap_overlap": args.heatmap_overlap, "geojson": False if args.no_geojson else None,
+                 "viewer_files": False if args.no_viewer_files else None,
                  "min_tissue": args.min_tissue, "allow_upsample": args.allow_upsample, "mask_dir": args.mask_dir,
                  "reading.batch_size": args.batch_size, "reading.workers": args.workers,
                  "reading.tile_source": args.tile_source}

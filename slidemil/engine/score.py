@@ -26,6 +26,7 @@ from slidemil.engine.heatmap import normalize_attention, prime_renderer
 from slidemil.engine.models import LoadedModel, open_models, warm_up
 from slidemil.engine.outputs import PredictionsTable, outputs_complete, slide_paths, write_run_summary
 from slidemil.engine.slide_outputs import SlideResult, write_slide_outputs
+from slidemil.engine.viewer_files import viewer_paths
 from slidemil.errors import NoTissueError
 from slidemil.jobs import FAILURES, error_text, pending
 from slidemil.runtime.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
@@ -50,6 +51,7 @@ class ScoreConfig:
     top_k: int = 8
     heatmap_overlap: float = 0.0
     geojson: bool = True
+    viewer_files: bool = True  # the OME-TIFF attention overlay and QuPath annotations
     min_tissue: float | None = None
     allow_upsample: bool | None = None
     mask_dir: str | None = None
@@ -82,7 +84,7 @@ def score_slides(model_dirs: list[str | Path], slides: str | Path, out_dir: str 
                     slides=str(slides), shard=shard)
         with PredictionsTable(out, class_names) as table:
             todo = pending(entries, table, lambda e: _complete(out, e.slide_id, cfg),
-                           lambda e: slide_paths(out, e.slide_id).values())
+                           lambda e: [*slide_paths(out, e.slide_id).values(), *viewer_paths(out, e.slide_id).values()])
             log.info("%d slides to score (%d already done)", len(todo), len(entries) - len(todo))
             n_tiles = _run(models, todo, out, cfg, tiling, table, class_names)
         summary = _summary(table, models, cfg, n_tiles, time.perf_counter() - start, load_seconds, len(todo))
@@ -93,7 +95,8 @@ def score_slides(model_dirs: list[str | Path], slides: str | Path, out_dir: str 
 
 def _complete(out: Path, slide_id: str, cfg: ScoreConfig) -> bool:
     return outputs_complete(out, slide_id, want_geojson=cfg.geojson, want_topk=cfg.top_k,
-                            want_overlap=cfg.heatmap_overlap > 0)
+                            want_overlap=cfg.heatmap_overlap > 0) and (
+        not cfg.viewer_files or all(p.is_file() for p in viewer_paths(out, slide_id).values()))
 
 
 def _run(models: list[LoadedModel], todo: list[Any], out: Path, cfg: ScoreConfig, tiling: TilingConfig,

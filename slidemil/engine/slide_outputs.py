@@ -24,6 +24,7 @@ from slidemil.engine.outputs import (
     write_heatmap,
     write_topk,
 )
+from slidemil.engine.viewer_files import write_viewer_files
 from slidemil.errors import SlidemilError
 from slidemil.runtime.pipeline import SlideStream
 from slidemil.slide.reader import open_slide
@@ -79,3 +80,6 @@ def _write_files(result: SlideResult, out: Path, cfg: Any, class_names: list[str
         with open_slide(stream.entry.path, mpp=stream.entry.mpp, slide_id=stream.entry.slide_id) as reader:
             tiles = reader.read_tiles(grid.coords[top], grid.patch_size_level0, tiling.tile.patch_size)
         write_topk(out, slide_id, tiles, grid.coords[top], result.attention[top])
+    if cfg.viewer_files:  # the attention as an OME-TIFF overlay and QuPath annotations (tissue, top tiles)
+        top = topk_indices(result.attention, cfg.top_k) if cfg.top_k > 0 else np.zeros(0, np.int64)
+        write_viewer_files(out, slide_id, grid, result.attention, plan.tissue, top, cfg.attention_norm)
