@@ -52,7 +52,7 @@ import numpy as np
 from slidemil.engine.models import open_models, warm_up
 from slidemil.exporter.export import ExportConfig, export_checkpoint
 from slidemil.runtime.runners import resolve_device
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.synth import SynthConfig, make_cohort
 from slidemil.slide.tiling import TilingConfig, plan_tiles
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.sources import open_tile_source
 from slidemil.slide.synth import write_slide
 

@@ -13,7 +13,7 @@ from typing import Any
 from slidemil.artifacts.tiling_record import coords_path, write_tiling_record
 from slidemil.atomic import remove_temporaries_of
 from slidemil.jobs import ResultsTable, run_batch
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.store import is_complete, write_h5
 from slidemil.slide.table import SlideEntry, load_slides
 from slidemil.slide.tiling import TilingConfig, draw_tiling, plan_tiles, write_png

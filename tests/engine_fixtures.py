@@ -19,7 +19,7 @@ from slidemil.exporter.export import ExportConfig, export_checkpoint
 from slidemil.models.backbones import create_backbone, save_backbone
 from slidemil.models.mil import HeadConfig, create_head
 from slidemil.models.preprocess import UInt8Backbone
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.synth import SlideTruth, write_slide
 from slidemil.slide.tiling import TilingConfig, plan_tiles
 

@@ -13,15 +13,15 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from slidemil.cli import build_parser, main
 from slidemil.errors import LabelTableError
-from slidemil.report.calibration import (
+from slidemil.evaluation.calibration import (
     apply_temperature,
     calibration_before_after,
     fit_temperature,
     logits_from_probs,
     nll,
 )
+from slidemil.evaluation.metrics import compute_metrics
 from slidemil.report.evaluate import evaluate_predictions, read_predictions
-from slidemil.trainer.metrics import compute_metrics
 
 CLASSES = ["benign", "tumour"]
 # Six slides, hand-scored: predictions 0 0 1 0 1 1 for labels 0 0 0 1 1 1 (one FP, one FN).

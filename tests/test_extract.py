@@ -17,7 +17,7 @@ from slidemil.features.extract import ExtractConfig, extract_features
 from slidemil.models.backbones import create_backbone, load_backbone
 from slidemil.models.preprocess import UInt8Backbone
 from slidemil.runtime.pipeline import PipelineConfig, TilePipeline
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.store import read_h5
 from slidemil.slide.table import SlideEntry
 from slidemil.slide.tiling import TilingConfig

@@ -18,7 +18,7 @@ from slidemil.engine.score import ScoreConfig, score_slides
 from slidemil.engine.smooth_heatmap import smooth_attention_map
 from slidemil.features.extract import ExtractConfig, extract_features
 from slidemil.slide.grid import grid_from_coords
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.tissue import TissueConfig, detect_tissue
 from tests.engine_fixtures import make_package_and_slides
 

@@ -12,8 +12,8 @@ from slidemil.errors import ConfigError
 from slidemil.models.mil import AttentionMIL
 from slidemil.trainer.config import LossConfig
 from slidemil.trainer.data import BagBatch
+from slidemil.trainer.features_mode import FeatureMIL
 from slidemil.trainer.losses import max_instance_loss
-from slidemil.trainer.modes import FeatureMIL
 from slidemil.trainer.run import run_training
 from tests.trainer_fixtures import fast_config, make_feature_cohort
 

@@ -15,7 +15,7 @@ import torch
 from slidemil.errors import SlideOpenError, SlideReadError
 from slidemil.slide.jpeg_source import JpegTileSource, area_resize
 from slidemil.slide.jpeg_tiff import ADOBE_RGB_SEGMENT, rgb_jpeg, scan_flaw
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.sources import ReaderTileSource, open_tile_source
 
 # torchvision 0.29 marks its image decoders deprecated (in favour of TorchCodec) on every call.

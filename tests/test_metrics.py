@@ -11,7 +11,7 @@ import pytest
 from sklearn import metrics as skm
 
 from slidemil.errors import ConfigError, LabelTableError
-from slidemil.trainer.metrics import (
+from slidemil.evaluation.metrics import (
     MONITOR_MODES,
     compute_metrics,
     flat_metrics,
@@ -85,7 +85,7 @@ def test_multiclass_matches_sklearn(n_classes):
 def test_absent_class_gives_nan_auc_and_warns(caplog):
     y = np.array([0, 0, 1, 1])
     probs = np.array([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]])
-    with caplog.at_level(logging.WARNING, logger="slidemil.trainer.metrics"):
+    with caplog.at_level(logging.WARNING, logger="slidemil.evaluation.metrics"):
         m = compute_metrics(y, probs, ["a", "b", "c"])
     assert math.isnan(m["auc"]) and math.isnan(m["average_precision"])
     assert "absent" in caplog.text and "'c'" in caplog.text

@@ -26,7 +26,7 @@ from slidemil.runtime.pipeline import PipelineConfig
 from slidemil.runtime.plan import ExecutionPlan
 from slidemil.runtime.runners import Feed, Runner, TensorMeta
 from slidemil.slide.grid import TileSpec, grid_from_coords, make_grid
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.synth import SlideTruth, write_slide
 from slidemil.slide.tiling import TilingConfig, plan_tiles
 

@@ -226,7 +226,7 @@ def _held_out_features(pkg, calibration) -> np.ndarray:
     """ONNX Runtime fp32 features of the held-out slide's bag, as quantize computes them."""
     from slidemil.exporter.parity import run_backbone
     from slidemil.runtime.runners import OnnxRuntimeRunner
-    from slidemil.slide.reader import open_slide
+    from slidemil.slide.readers import open_slide
 
     _, (slide,) = quantize.split_slides(quantize.plan_slides(pkg, calibration), SMALL)
     coords = slide.coords[quantize.slide_tiles(slide, SMALL.parity_max_tiles, SMALL.seed)]

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from slidemil.errors import MissingMppError, SlideOpenError, SlideReadError
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 
 
 def test_aperio_svs_geometry_and_mpp(real_data):

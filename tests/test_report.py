@@ -17,11 +17,11 @@ import pytest
 
 from slidemil.engine.outputs import PredictionsTable, geojson_tiles, write_geojson, write_heatmap, write_topk
 from slidemil.errors import ConfigError
+from slidemil.evaluation.stats import calibration_curve
 from slidemil.report import plots as P
 from slidemil.report.report import build_report, detect_kind
-from slidemil.report.stats import calibration_curve
 from slidemil.slide.grid import grid_from_coords
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 
 CLASSES = ["normal", "tumor"]
 

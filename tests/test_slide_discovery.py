@@ -15,7 +15,7 @@ import pytest
 
 from slidemil.errors import LabelTableError
 from slidemil.slide.discovery import _glob
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.table import SlideEntry, _check_unique_ids, load_slides
 from tests.dicom_fixtures import add_label, renew_series, write_pyramid_series
 

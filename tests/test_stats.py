@@ -10,14 +10,14 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from slidemil.errors import LabelTableError
-from slidemil.report.stats import (
+from slidemil.evaluation.metrics import compute_metrics
+from slidemil.evaluation.stats import (
     aggregate_by_patient,
     bootstrap_ci,
     bootstrap_metrics,
     calibration_curve,
     resample_indices,
 )
-from slidemil.trainer.metrics import compute_metrics
 
 
 def noisy_binary(n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ import pytest
 
 from slidemil.errors import ConfigError, NoTissueError, ResolutionError
 from slidemil.slide.grid import TileSpec, covered_by_tiles, make_grid, tissue_fractions
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.tissue import TissueConfig, TissueMask, detect_tissue, segment_tissue
 
 

@@ -19,7 +19,7 @@ from slidemil.engine.viewer_files import (
     write_viewer_files,
 )
 from slidemil.slide.grid import grid_from_coords
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.tiling import TilingConfig, plan_tiles
 from slidemil.slide.tissue import TissueMask
 

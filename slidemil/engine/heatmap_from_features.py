@@ -48,7 +48,8 @@ from slidemil.engine.viewer_files import viewer_paths, write_viewer_files
 from slidemil.errors import NoTissueError, SlideOpenError, StoreError
 from slidemil.jobs import FAILURES, error_text, pending
 from slidemil.slide.grid import TileGrid, covered_by_tiles, grid_from_coords
-from slidemil.slide.reader import SlideReader, open_slide
+from slidemil.slide.reader import SlideReader
+from slidemil.slide.readers import open_slide
 from slidemil.slide.store import FeatureBag, read_h5
 from slidemil.slide.table import SlideEntry, load_slides
 from slidemil.slide.tissue import TissueConfig, TissueMask, detect_tissue

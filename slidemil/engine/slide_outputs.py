@@ -27,7 +27,7 @@ from slidemil.engine.outputs import (
 from slidemil.engine.viewer_files import write_viewer_files
 from slidemil.errors import SlidemilError
 from slidemil.runtime.pipeline import SlideStream
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.tiling import TilingConfig
 
 log = logging.getLogger(__name__)

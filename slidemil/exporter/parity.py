@@ -110,7 +110,7 @@ def colour_tiling(tiling: TilingConfig) -> TilingConfig:
 
 
 def _cut_tiles(path: Path, tiling: TilingConfig, tile_px: int, n: int, seed: int) -> np.ndarray:
-    from slidemil.slide.reader import open_slide
+    from slidemil.slide.readers import open_slide
     from slidemil.slide.tiling import plan_tiles
 
     tiling = colour_tiling(tiling)

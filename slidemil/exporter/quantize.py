@@ -111,7 +111,7 @@ def import_nncf() -> Any:
 def plan_slides(pkg: Package, slides: str | Path, slide_mpp: float | None = None) -> list[PlannedSlide]:
     """The slides of a folder, glob or CSV with their tissue tiles, tiled as ``verify`` tiles
     (``colour_tiling`` of the package's tiling); unreadable slides and slides without tissue are left out."""
-    from slidemil.slide.reader import open_slide
+    from slidemil.slide.readers import open_slide
     from slidemil.slide.table import load_slides
     from slidemil.slide.tiling import plan_tiles
 
@@ -149,7 +149,7 @@ def split_slides(planned: list[PlannedSlide], cfg: QuantizeConfig) -> tuple[list
 
 def calibration_tiles(pkg: Package, slides: list[PlannedSlide], n: int, seed: int) -> np.ndarray:
     """``n`` tiles spread evenly over ``slides`` (fewer where the slides have fewer), in a seeded order."""
-    from slidemil.slide.reader import open_slide
+    from slidemil.slide.readers import open_slide
 
     rng = np.random.default_rng(seed)
     per_slide = max(1, -(-n // len(slides)))
@@ -202,7 +202,7 @@ def slide_parity(pkg: Package, ref: RunnerPair, cand: RunnerPair, slide: Planned
                  tolerance: float) -> dict[str, Any]:
     """One held-out slide: its whole bag through ``cand`` against ``ref`` (the gate's figures), and the
     tile-level figures (features, one-tile bags, random sub-bags) as information."""
-    from slidemil.slide.reader import open_slide
+    from slidemil.slide.readers import open_slide
 
     pick = slide_tiles(slide, cfg.parity_max_tiles, cfg.seed)
     ref_feats, cand_feats, per_batch = [], [], []

@@ -21,8 +21,8 @@ import pandas as pd
 
 from slidemil.atomic import atomic_path, write_json
 from slidemil.errors import LabelTableError
-from slidemil.report.stats import aggregate_by_patient, bootstrap_ci, bootstrap_metrics, calibration_curve
-from slidemil.trainer.metrics import compute_metrics, weighted_scalar_metrics
+from slidemil.evaluation.metrics import compute_metrics, weighted_scalar_metrics
+from slidemil.evaluation.stats import aggregate_by_patient, bootstrap_ci, bootstrap_metrics, calibration_curve
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from slidemil.errors import SlidemilError, SlideReadError
 from slidemil.runtime.runners import Runner
-from slidemil.slide.reader import open_slide
+from slidemil.slide.readers import open_slide
 from slidemil.slide.sources import TileSource, open_tile_source
 from slidemil.slide.table import SlideEntry
 from slidemil.slide.tiling import TilePlan, TilingConfig, plan_tiles

@@ -1,6 +1,6 @@
 """One read interface over every slide format: OpenSlide formats and plain images.
 
-Readers register themselves by name and are tried in order (``open_slide``). Each reader is a
+Readers register themselves by name and are tried in order (``slidemil.slide.readers.open_slide``). Each reader is a
 context manager with the slide's geometry, its microns per pixel, a thumbnail at a requested mpp,
 and ``read_tiles`` which reads tiles at level-0 coordinates into a uint8 batch.
 """
@@ -214,26 +214,4 @@ def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-def open_slide(path: str | Path, mpp: float | None = None, slide_id: str | None = None) -> SlideReader:
-    """Open ``path`` with the first registered reader that recognises it.
-
-    ``slide_id`` names the slide (``reader.slide_id``) when it is not the file's name, as for a DICOM
-    series found by ``load_slides``: pass ``entry.slide_id``.
-
-    Raises:
-        SlideOpenError: when no reader recognises the file or the recognising reader fails.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SlideOpenError(f"{path}: no such file")
-    # Import for the side effect of registration, kept out of module import time of this file.
-    from slidemil.slide import readers  # noqa: F401
-    for cls in READERS.values():
-        if cls.can_open(path):
-            return cls(path, mpp=mpp, slide_id=slide_id)
-    raise SlideOpenError(
-        f"{path.name}: not a slide format slidemil can read (OpenSlide formats: SVS, NDPI, SCN, MRXS, "
-        "BIF, tiled TIFF, DICOM; plain PNG/JPEG/TIFF images)")
-
-
-__all__ = ["READERS", "SlideReader", "open_slide", "register_reader", "rgba_to_rgb_on_white", "slide_id_of", "valid_mpp"]
+__all__ = ["READERS", "SlideReader", "register_reader", "rgba_to_rgb_on_white", "slide_id_of", "valid_mpp"]

@@ -1,4 +1,4 @@
-"""Concrete slide readers: OpenSlide (every WSI format it knows) and plain images.
+"""Concrete slide readers (OpenSlide for every WSI format it knows, and plain images) and ``open_slide``.
 
 Registration order is the order ``open_slide`` tries them.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from slidemil.errors import SlideOpenError, SlideReadError
-from slidemil.slide.reader import SlideReader, register_reader, rgba_to_rgb_on_white, valid_mpp
+from slidemil.slide.reader import READERS, SlideReader, register_reader, rgba_to_rgb_on_white, valid_mpp
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +123,23 @@ class PlainImageReader(SlideReader):
 
     def close(self) -> None:
         self._pixels = np.empty((0, 0, 3), np.uint8)
+
+
+def open_slide(path: str | Path, mpp: float | None = None, slide_id: str | None = None) -> SlideReader:
+    """Open ``path`` with the first registered reader that recognises it.
+
+    ``slide_id`` names the slide (``reader.slide_id``) when it is not the file's name, as for a DICOM
+    series found by ``load_slides``: pass ``entry.slide_id``.
+
+    Raises:
+        SlideOpenError: when no reader recognises the file or the recognising reader fails.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SlideOpenError(f"{path}: no such file")
+    for cls in READERS.values():
+        if cls.can_open(path):
+            return cls(path, mpp=mpp, slide_id=slide_id)
+    raise SlideOpenError(
+        f"{path.name}: not a slide format slidemil can read (OpenSlide formats: SVS, NDPI, SCN, MRXS, "
+        "BIF, tiled TIFF, DICOM; plain PNG/JPEG/TIFF images)")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slidemil.slide.reader import SlideReader, open_slide
+from slidemil.slide.reader import SlideReader
+from slidemil.slide.readers import open_slide
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``--calibrate``: temperature scaling of the best checkpoint (Guo et al., 2017).
 
 After training, the best model's logits on the validation slides (at T = 1) give the temperature
-that minimises their negative log-likelihood (:func:`slidemil.report.calibration.fit_temperature`).
+that minimises their negative log-likelihood (:func:`slidemil.evaluation.calibration.fit_temperature`).
 T goes into the head's ``temperature`` buffer, which divides the logits, so the rewritten
 ``checkpoint_best`` carries it into ``head.onnx`` on export and every scored probability is
 calibrated; ``checkpoint_best.json`` records ``"temperature": T`` at its top level and the
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from slidemil.artifacts import checkpoint as ckpt
-from slidemil.report.calibration import apply_temperature, fit_temperature, nll
-from slidemil.trainer.metrics import compute_metrics
+from slidemil.evaluation.calibration import apply_temperature, fit_temperature, nll
+from slidemil.evaluation.metrics import compute_metrics
 
 if TYPE_CHECKING:
     from slidemil.trainer.loop import Trainer

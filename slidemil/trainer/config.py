@@ -13,7 +13,7 @@ from typing import Any
 
 from slidemil import config as _config
 from slidemil.errors import ConfigError
-from slidemil.trainer.metrics import monitor_mode
+from slidemil.evaluation.metrics import monitor_mode
 
 SCHEDULERS = ("cosine", "plateau", "none")
 AMP_DTYPES = ("float16", "bfloat16")

@@ -20,12 +20,13 @@ import pandas as pd
 
 from slidemil.atomic import atomic_path
 from slidemil.errors import ConfigError
+from slidemil.evaluation.metrics import flat_metrics
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.distributed import DistContext
 from slidemil.trainer.loop import Callback, RunResult
-from slidemil.trainer.metrics import flat_metrics
-from slidemil.trainer.modes import Cohort, TrainingMode
+from slidemil.trainer.recipe import check_split, train_one
 from slidemil.trainer.splits import kfold_splits, load_splits, save_splits
+from slidemil.trainer.task import Cohort, TrainingMode
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ def make_folds(cfg: TrainConfig, cohort: Cohort) -> list[pd.Series]:
 def run_cv(cfg: TrainConfig, out: Path, mode: TrainingMode, cohort: Cohort, ctx: DistContext, resume: bool,
            callbacks: Sequence[Callback] = ()) -> list[RunResult]:
     """Run every fold in sequence, or only ``cfg.cv.fold``; then summarise when all folds are done."""
-    from slidemil.trainer.run import check_split, train_one
-
     folds = make_folds(cfg, cohort)
     if ctx.is_main:
         save_splits(folds, out / "splits.csv")

@@ -42,7 +42,7 @@ from slidemil.trainer.data import (
     raise_problems,
     read_label_table,
 )
-from slidemil.trainer.modes import Cohort, MILModel, TrainingTask, build_head, register_mode
+from slidemil.trainer.task import Cohort, MILModel, TrainingTask, build_head
 from slidemil.trainer.tile_data import TileBagDataset, check_tile_sources, slide_entries
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,6 @@ def param_groups(model: End2EndMIL, lr: float, backbone_lr: float | None) -> lis
 
 # --- the mode ------------------------------------------------------------------------------------
 
-@register_mode("end2end")
 class End2EndMode:
     """Train backbone and head on tiles read from the slides at the coordinates of ``slidemil tile``."""
 

@@ -4,7 +4,8 @@ The loop sees a model ``BagBatch -> MILOutput`` and bag datasets (:mod:`slidemil
 it owns the optimisation (AdamW with parameter groups, warm-up schedule, gradient accumulation,
 clipping, AMP), evaluation (every validation and test slide exactly once, sharded over ranks and
 gathered, so the numbers equal a single process's), early stopping, checkpoints, resume and the
-optional temperature calibration of the best checkpoint. Only rank 0 writes.
+evaluation of the best checkpoint (calibrated first where asked: see :mod:`slidemil.trainer.recipe`).
+Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from slidemil.artifacts import checkpoint as ckpt
 from slidemil.atomic import atomic_path, write_json
 from slidemil.config import config_changes, save_config
 from slidemil.errors import ConfigError
+from slidemil.evaluation.metrics import compute_metrics, flat_metrics, is_better
 from slidemil.processes import worker_context
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.data import BagDataset, EpochSampler, collate_bags
@@ -47,10 +49,9 @@ from slidemil.trainer.losses import (
     max_instance_loss,
     sample_weights_for_balancing,
 )
-from slidemil.trainer.metrics import compute_metrics, flat_metrics, is_better
-from slidemil.trainer.modes import Cohort, TrainingTask
 from slidemil.trainer.rng import rng_state, set_rng_state
 from slidemil.trainer.schedule import LRSchedule
+from slidemil.trainer.task import Cohort, TrainingTask
 
 log = logging.getLogger(__name__)
 
@@ -383,13 +384,14 @@ class Trainer:
                  " (best)" if result.improved else "")
 
     # --- test ----------------------------------------------------------------------------------
+    def use_best(self) -> None:
+        """Put the best checkpoint's weights into the model (exactly the weights ``load_head`` gives)."""
+        if self.best_state is not None:
+            self.model.load_checkpoint_state(self.best_state)
+
     def test(self) -> RunResult:
         """Evaluate the best checkpoint on validation and test slides and write the test outputs."""
-        if self.best_state is not None:
-            self.model.load_checkpoint_state(self.best_state)  # exactly the weights load_head gives
-        if self.cfg.calibrate:
-            from slidemil.trainer.calibrate import calibrate_best
-            self.calibration = calibrate_best(self)
+        self.use_best()
         val, val_pred = self.evaluate("val")
         test, test_pred = self.evaluate("test")
         best = self.progress.best_epoch

@@ -14,13 +14,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from slidemil.errors import ConfigError, LabelTableError
+from slidemil.errors import LabelTableError
 from slidemil.trainer.config import TrainConfig
+from slidemil.trainer.cv import run_cv
 from slidemil.trainer.distributed import DistContext, process_group
-from slidemil.trainer.loop import Callback, RunResult, Trainer
-from slidemil.trainer.modes import Cohort, TrainingMode, get_mode
-from slidemil.trainer.rng import seed_everything
+from slidemil.trainer.loop import Callback, RunResult
+from slidemil.trainer.modes import get_mode
+from slidemil.trainer.recipe import check_split, train_one
 from slidemil.trainer.splits import load_splits, save_splits, train_val_test_split
+from slidemil.trainer.task import Cohort
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,6 @@ def run_training(cfg: TrainConfig, out: str | Path, resume: bool = False,
     with process_group(cfg.device) as ctx, cpu_threads(cfg.threads if ctx.device.type == "cpu" else None):
         cohort = mode.load_cohort(cfg)
         if cfg.cv.folds:
-            from slidemil.trainer.cv import run_cv
             return run_cv(cfg, out, mode, cohort, ctx, resume, callbacks)
         split = resolve_split(cfg, cohort, out, resume, ctx)
         return [train_one(cfg, out, mode, cohort, split, ctx, resume, callbacks)]
@@ -63,20 +64,6 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def train_one(cfg: TrainConfig, out: Path, mode: TrainingMode, cohort: Cohort, split: pd.Series,
-              ctx: DistContext, resume: bool, callbacks: Sequence[Callback] = ()) -> RunResult:
-    """The recipe for one split: build the task (model initialised from ``cfg.seed``), train, test."""
-    seed_everything(cfg.seed)
-    task = mode.build_task(cfg, cohort, split)
-    trainer = Trainer(cfg, task, cohort, out, ctx, callbacks)
-    try:
-        trainer.setup(resume)
-        trainer.train()
-        return trainer.test()
-    finally:
-        trainer.cleanup()
 
 
 def resolve_split(cfg: TrainConfig, cohort: Cohort, out: Path, resume: bool, ctx: DistContext) -> pd.Series:
@@ -101,12 +88,3 @@ def resolve_split(cfg: TrainConfig, cohort: Cohort, out: Path, resume: bool, ctx
     if ctx.is_main:
         save_splits(split, saved)
     return split
-
-
-def check_split(split: pd.Series, where: str = "") -> None:
-    counts = split.value_counts()
-    if counts.get("train", 0) == 0:
-        raise ConfigError(f"{where}no training slides in the split ({counts.to_dict()})")
-    for part in ("val", "test"):
-        if counts.get(part, 0) == 0:
-            log.warning("%sno %s slides in the split", where, part)

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from slidemil.evaluation.metrics import is_better
 from slidemil.trainer.config import OptimConfig
-from slidemil.trainer.metrics import is_better
 
 
 class LRSchedule:

@@ -28,7 +28,8 @@ import torch
 
 from slidemil.artifacts.tiling_record import find_coords
 from slidemil.errors import ConfigError, LabelTableError, StoreError
-from slidemil.slide.reader import SlideReader, open_slide
+from slidemil.slide.reader import SlideReader
+from slidemil.slide.readers import open_slide
 from slidemil.slide.store import read_h5
 from slidemil.slide.table import SlideEntry, load_slides
 from slidemil.trainer.data import Bag, BagDataset, _listed, subsample

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from slidemil.report.stats import calibration_curve
-from slidemil.trainer.metrics import check_inputs, compute_metrics
+from slidemil.evaluation.metrics import check_inputs, compute_metrics
+from slidemil.evaluation.stats import calibration_curve
 
 log = logging.getLogger(__name__)
 

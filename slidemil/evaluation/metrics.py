@@ -3,7 +3,7 @@
 Every scalar metric comes from one kernel, :func:`weighted_scalar_metrics`, which evaluates the
 metrics for a batch of sample-weight vectors at once. Unit weights give the metrics of the data;
 bootstrap resample counts give the metrics of every resample without a Python loop per resample
-(``slidemil.report.stats``). One code path means a bootstrap interval always brackets the very
+(``slidemil.evaluation.stats``). One code path means a bootstrap interval always brackets the very
 number the trainer logged.
 
 Conventions (sklearn's where it has one): precision of a class never predicted is 0; recall and F1

@@ -2,7 +2,7 @@
 and patient-level aggregation.
 
 The bootstrap is vectorised: a resample is a vector of counts over the original samples, and the
-metric kernel of :mod:`slidemil.trainer.metrics` scores a whole batch of count vectors at once, so
+metric kernel of :mod:`slidemil.evaluation.metrics` scores a whole batch of count vectors at once, so
 1,000 resamples of 1,000 slides take well under a second or two on a small CPU.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from slidemil.errors import LabelTableError
-from slidemil.trainer.metrics import N_ECE_BINS, check_inputs, confidence_bins, weighted_scalar_metrics
+from slidemil.evaluation.metrics import N_ECE_BINS, check_inputs, confidence_bins, weighted_scalar_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def bootstrap_ci(
         y_true: (N,) integer labels.
         probs: (N, C) class probabilities.
         metric_fn: ``f(y_true, probs) -> float``, called once per resample; or the name of a
-            scalar metric of :func:`slidemil.trainer.metrics.compute_metrics` (e.g. ``"auc"``),
+            scalar metric of :func:`slidemil.evaluation.metrics.compute_metrics` (e.g. ``"auc"``),
             scored for all resamples at once.
         n_boot: number of resamples.
         seed: seed of the resampling.

@@ -1,0 +1,145 @@
+"""What one training loop trains: a :class:`TrainingTask` built by a :class:`TrainingMode` from a cohort.
+
+A mode validates its cohort (:meth:`TrainingMode.load_cohort`) and builds a task: a :class:`MILModel`
+``BagBatch -> MILOutput`` whose checkpoint weights are keyed ``head.*`` (and ``backbone.*`` for a model
+that trains its backbone), datasets for train/val/test, and what the checkpoint must record about the
+backbone. The modes (:mod:`slidemil.trainer.features_mode`, :mod:`slidemil.trainer.end2end`) are listed in
+:mod:`slidemil.trainer.modes`; the loop, checkpoints, metrics and DDP are shared.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+import torch
+from torch import nn
+
+from slidemil.errors import ConfigError
+from slidemil.models.mil import AttentionMIL, HeadConfig, create_head
+from slidemil.trainer.config import TrainConfig
+from slidemil.trainer.data import (
+    BagDataset,
+    LabelTable,
+)
+from slidemil.trainer.distributed import DistContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A validated cohort: the label table plus what the mode needs per slide."""
+
+    labels: LabelTable
+    paths: dict[str, Path]
+    in_dim: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.labels.table
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.labels.class_names
+
+
+@dataclass
+class TrainingTask:
+    """What the loop trains: a model, its datasets, and the checkpoint's record of the backbone.
+
+    Attributes:
+        model: ``forward(BagBatch) -> MILOutput`` (see :class:`MILModel`).
+        datasets: ``train``, ``val``, ``test`` (a part may be empty).
+        meta: checkpoint fields: mode, head_config, backbone_card, backbone_weights, tiling.
+        backbone_dir: folder copied to ``OUT/backbone`` (None: nothing to copy).
+        param_groups: optimizer parameter groups (None: all trainable parameters, one group).
+    """
+
+    model: MILModel
+    datasets: Mapping[str, BagDataset]
+    meta: dict[str, Any]
+    backbone_dir: Path | None = None
+    param_groups: list[dict[str, Any]] | None = None
+
+
+class TrainingMode(Protocol):
+    """Validates a cohort and builds the task;."""
+
+    def load_cohort(self, cfg: TrainConfig) -> Cohort: ...
+
+    def build_task(self, cfg: TrainConfig, cohort: Cohort, split: pd.Series) -> TrainingTask: ...
+
+
+class MILModel(nn.Module):
+    """A model the loop trains: ``forward(BagBatch) -> MILOutput``.
+
+    ``state_dict()`` is the exact training state (saved for resume); ``checkpoint_state()`` is what
+    the checkpoint's ``.safetensors`` holds (keys ``head.*`` [+ ``backbone.*``]) and what
+    :func:`slidemil.artifacts.checkpoint.load_head` gives back.
+    """
+
+    def prepare(self, train: BagDataset, ctx: DistContext) -> None:
+        """Fit anything data-dependent before the first epoch (not called on resume)."""
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)
+
+    def checkpoint_meta(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Checkpoint JSON fields that depend on the weights ``state`` being saved (e.g. a fine-tuned
+        backbone's card); merged over the task's meta."""
+        return {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (for draws keyed by the epoch)."""
+
+    def watch_instances(self) -> None:
+        """Keep, from now on, the instance projection of each forward, for :meth:`instance_logits`."""
+        head = self._attention_head()
+        self._instances: torch.Tensor | None = None
+
+        def keep(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            self._instances = output
+
+        head.projection.register_forward_hook(keep)
+
+    def instance_logits(self) -> torch.Tensor:
+        """Per-tile logits (B, N, C) of the last forward (after :meth:`watch_instances`).
+
+        The head's classifier is linear and the attention weights sum to 1, so the bag logits are
+        exactly the attention-weighted mean of these: they need no parameters of their own, and
+        the exported head stays as it is.
+        """
+        head = self._attention_head()
+        assert self._instances is not None, "instance_logits() needs watch_instances() and a forward"
+        return head.classifier(self._instances) / head.temperature
+
+    def _attention_head(self) -> AttentionMIL:
+        head = getattr(self, "head", None)
+        if not isinstance(head, AttentionMIL):
+            raise ConfigError(f"{type(self).__name__} has no attention-MIL head")
+        return head
+
+    def set_temperature(self, temperature: float) -> None:
+        """Store a calibration temperature in the head (it divides the logits)."""
+        head = getattr(self, "head", None)
+        if not isinstance(head, AttentionMIL):
+            raise ConfigError(f"{type(self).__name__} has no attention-MIL head to calibrate")
+        head.temperature.fill_(float(temperature))
+
+
+def build_head(cfg: TrainConfig, in_dim: int, n_classes: int) -> AttentionMIL:
+    """The head the config describes (initialised from the current torch seed)."""
+    m = cfg.model
+    return create_head(HeadConfig(mil_type=m.mil, in_dim=in_dim, n_classes=n_classes, hidden_dim=m.hidden_dim,
+                                  attention_dim=m.attention_dim, dropout=m.dropout))
+
+
