@@ -36,11 +36,22 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="report folder (index.html, plots/, thumbs/)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the 95%% intervals; 0: none")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    v = p.add_argument_group("deep-zoom viewers (scoring outputs)")
+    v.add_argument("--slides", help="the slide files (folder, glob or CSV); default: those score_config.json records")
+    v.add_argument("--viewer", default="auto",
+                   help="auto (all slides of a report of up to 200) | all | none | ID,ID,... | @FILE of ids")
+    v.add_argument("--viewer-max-mpp", type=float, help="finest resolution of the pyramids in um/px (full)")
+    v.add_argument("--slide-mpp", type=float, help="as given to `slidemil score --slide-mpp`")
+    v.add_argument("--viewer-quality", type=int, default=80, help="JPEG quality of the pyramid tiles (80)")
 
 
 def _report(args: argparse.Namespace) -> int:
     from slidemil.report.report import build_report
-    index = build_report(args.folder, args.out, labels_csv=args.labels, n_boot=args.bootstrap, seed=args.seed)
+    from slidemil.report.viewer import ViewerConfig
+    viewer = ViewerConfig(slides=args.slides, which=args.viewer, max_mpp=args.viewer_max_mpp, slide_mpp=args.slide_mpp,
+                          quality=args.viewer_quality)
+    index = build_report(args.folder, args.out, labels_csv=args.labels, n_boot=args.bootstrap, seed=args.seed,
+                         viewer=viewer)
     log.info("open %s", index.resolve().as_uri())
     return 0
 

@@ -59,6 +59,7 @@ class Card:
     heatmap: str | None = None
     topk: str | None = None
     geojson: str | None = None
+    viewer: str | None = None  # deep-zoom page (slidemil.report.viewer)
     extra: str = ""  # e.g. "fold 2"
 
     @property
@@ -237,7 +238,8 @@ def card_html(card: Card, class_names: Sequence[str]) -> str:
         w, h = card.thumb_size or (THUMB_PX, THUMB_PX)
         img = (f"<img src='{href(card.thumb)}' width='{w}' height='{h}' loading='lazy' decoding='async' "
                f"alt='heatmap of {esc(card.slide_id)}'>")
-        image = f"<a href='{href(card.heatmap)}'>{img}</a>" if card.heatmap else img
+        target = card.viewer or card.heatmap
+        image = f"<a href='{href(target)}'>{img}</a>" if target else img
     else:
         image = f"<div class='nothumb'>{'scoring failed' if card.status != 'ok' else 'no heatmap'}</div>"
     if card.status != "ok":
@@ -251,7 +253,8 @@ def card_html(card: Card, class_names: Sequence[str]) -> str:
     bars = "".join(f"<span title='{esc(c)} {_num(p, 3)}' style='width:{0 if p is None else 100 * p:.1f}%' "
                    f"class='c{i % 10}'></span>" for i, (c, p) in enumerate(zip(class_names, card.probs)))
     links = " ".join(f"<a href='{href(path)}'>{label}</a>" for label, path in
-                     (("heatmap", card.heatmap), ("top-k tiles", card.topk), ("GeoJSON", card.geojson)) if path)
+                     (("viewer", card.viewer), ("heatmap", card.heatmap), ("top-k tiles", card.topk),
+                      ("GeoJSON", card.geojson)) if path)
     return (f"<div class='card {card.correct}' {attrs}>{image}<div class='meta'>"
             f"<div class='sid' title='{esc(card.slide_id)}'>{esc(card.slide_id)} {verdict}</div>{line}"
             f"<div class='bar'>{bars}</div><div class='links'>{links}"

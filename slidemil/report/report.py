@@ -11,11 +11,13 @@ What the folder is decides what the page holds:
   gallery of heatmaps linking each slide's full heatmap, top-k tiles and GeoJSON.
 
 Layout of ``out_dir``: ``index.html``, ``metrics.json`` (and ``metrics_patient.json``),
-``evaluated.csv``, ``plots/<name>.png|svg``, ``thumbs/<slide_id>.jpg``.
+``evaluated.csv``, ``plots/<name>.png|svg``, ``thumbs/<slide_id>.jpg``, and for a scoring output
+``viewer/`` (deep-zoom pages of the slides: ``slidemil.report.viewer``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,10 +32,11 @@ import pandas as pd
 from slidemil.atomic import atomic_path, write_json, write_text
 from slidemil.engine.outputs import slide_paths
 from slidemil.errors import ConfigError, LabelTableError
+from slidemil.evaluation.calibration import calibration_scores, temperature_views
 from slidemil.report import plots as P
-from slidemil.report.calibration import calibration_scores, temperature_views
 from slidemil.report.evaluate import evaluate_frame, json_safe, read_labels, read_predictions
 from slidemil.report.html import Card, Plot, ReportPage, make_thumbnails, render_page
+from slidemil.report.viewer import ViewerConfig, build_viewers
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +68,11 @@ class _Context:
     labels_csv: Path | None
     n_boot: int
     seed: int
+    viewer: ViewerConfig
 
 
 def build_report(run_or_score_dir: str | Path, out_dir: str | Path, labels_csv: str | Path | None = None,
-                 n_boot: int = 1000, seed: int = 0) -> Path:
+                 n_boot: int = 1000, seed: int = 0, viewer: ViewerConfig | None = None) -> Path:
     """Write ``out_dir/index.html`` (and its plots, thumbnails and metrics) for a run or scoring output.
 
     Args:
@@ -78,6 +82,8 @@ def build_report(run_or_score_dir: str | Path, out_dir: str | Path, labels_csv: 
             optional for training runs (their predictions carry labels).
         n_boot: bootstrap resamples of the intervals.
         seed: bootstrap seed.
+        viewer: which deep-zoom viewers a scoring output's report builds, and how (default: all slides of a
+            report of up to 200, at full resolution).
 
     Returns:
         The path of ``index.html``.
@@ -85,7 +91,7 @@ def build_report(run_or_score_dir: str | Path, out_dir: str | Path, labels_csv: 
     src, out = Path(run_or_score_dir), Path(out_dir)
     kind = detect_kind(src)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = _Context(src, out, Path(labels_csv) if labels_csv else None, n_boot, seed)
+    ctx = _Context(src, out, Path(labels_csv) if labels_csv else None, n_boot, seed, viewer or ViewerConfig())
     page = {"train": _train_page, "cv": _cv_page, "score": _score_page}[kind](ctx)
     index = out / "index.html"
     write_text(index, render_page(page))
@@ -250,6 +256,11 @@ def _score_page(ctx: _Context) -> ReportPage:
     rows = _evaluate(ctx, page, preds, class_names, "scored slides")
     truth = {} if rows is None else dict(zip(rows["slide_id"], rows["label"]))
     page.cards = _score_cards(ctx, preds, class_names, truth)
+    viewers = build_viewers(ctx.src, ctx.out, truth={c.slide_id: c.truth for c in page.cards if c.truth},
+                            **dataclasses.asdict(ctx.viewer))
+    page.notes += viewers.notes
+    for card in page.cards:
+        card.viewer = viewers.pages.get(card.slide_id)
     return page
 
 
