@@ -23,6 +23,8 @@ TrainingMode = Literal["features", "end2end"]
 LossName = Literal["ce", "focal"]
 Scheduler = Literal["cosine", "plateau", "none"]
 Exporter = Literal["auto", "dynamo", "legacy"]
+BatchNormMode = Literal["frozen", "train"]
+AmpDtype = Literal["float16", "bfloat16"]
 
 
 def choices_of(literal: object) -> list[str]:

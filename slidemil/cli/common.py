@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slidemil.choices import TileSourceKind, TissueMethod, choices_of
+
 log = logging.getLogger("slidemil")
 
 
@@ -39,7 +41,7 @@ def add_tiling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-upsample", action="store_true", default=None,
                    help="tile slides scanned coarser than --mpp (their tiles are blown up; refused by default)")
     g.add_argument("--mask-dir", help="folder of user tissue masks <slide_id>_mask.png (any size)")
-    g.add_argument("--tissue", choices=["otsu", "whole", "mask"], help="tissue detection method (otsu)")
+    g.add_argument("--tissue", choices=choices_of(TissueMethod), help="tissue detection method (otsu)")
     g.add_argument("--slide-mpp", type=float, help="level-0 mpp for every slide (overrides the files)")
 
 
@@ -53,7 +55,7 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reading")
     g.add_argument("--batch-size", type=int, help="tiles per batch (32)")
     g.add_argument("--workers", type=int, help="reader threads (2)")
-    g.add_argument("--tile-source", choices=["auto", "openslide", "jpeg"], help="how tiles are read (auto)")
+    g.add_argument("--tile-source", choices=choices_of(TileSourceKind), help="how tiles are read (auto)")
     g.add_argument("--shard", help="I/N: process the I-th of N shards of the slide list (SLURM arrays)")
 
 

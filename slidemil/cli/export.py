@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from slidemil.choices import Exporter, Precision, choices_of
 from slidemil.cli.common import Command, add_config_option
 
 log = logging.getLogger("slidemil")
@@ -22,7 +23,7 @@ def _export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (18)")
     p.add_argument("--fp16", action="store_true", help="also write fp16 graphs (ONNX Runtime CUDA)")
     p.add_argument("--max-batch", type=int, help="largest backbone batch the engine sends (256)")
-    p.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], help="torch ONNX exporter (auto)")
+    p.add_argument("--exporter", choices=choices_of(Exporter), help="torch ONNX exporter (auto)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT fp16 engines (needs a GPU)")
     p.add_argument("--force", action="store_true", help="replace an existing package at --out")
     _parity_option(p)
@@ -79,7 +80,7 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["onnxruntime", "openvino", "tensorrt", "torch"], default="onnxruntime",
                    help="backend whose parity is measured (onnxruntime: against torch; others: against "
                         "ONNX Runtime fp32)")
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16", "int8"], default="auto")
+    p.add_argument("--precision", choices=choices_of(Precision), default="auto")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-parity", action="store_true", help="only schema, checksums and smoke inference")
     p.add_argument("--json", type=Path, help="also write the report (checks, parity figures: what gates and what "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from slidemil.choices import CompileMode, DeviceKind, ExtractBackend, choices_of
 from slidemil.cli.common import (
     Command,
     add_config_option,
@@ -23,11 +24,11 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help="backbone name (resnet50_trunc, uni, any timm name, hf-hub:...)")
     p.add_argument("--weights", help="random | pretrained | path to a weights file")
     p.add_argument("--checkpoint", help="end-to-end checkpoint whose fine-tuned backbone to use")
-    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "openvino"])
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--backend", choices=choices_of(ExtractBackend))
+    p.add_argument("--device", choices=choices_of(DeviceKind))
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on a GPU, bf16 with OpenVINO where the CPU has it, else fp32 (recorded in the h5)")
-    p.add_argument("--torch-compile", choices=["auto", "on", "off"],
+    p.add_argument("--torch-compile", choices=choices_of(CompileMode),
                    help="torch backend: torch.compile the backbone (auto: with bf16 on the CPU)")
     p.add_argument("--limit-tiles", type=int, help="at most this many tiles per slide (quick looks)")
     add_reading_options(p)

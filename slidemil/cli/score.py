@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from slidemil.choices import AttentionNorm, Backend, CompileMode, DeviceKind, Precision, choices_of
 from slidemil.cli.common import Command, add_config_option, add_reading_options
 
 
@@ -14,15 +15,15 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model", type=Path, action="append", default=[],
                    help="another package to ensemble with (repeatable; probabilities are averaged)")
-    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "openvino", "torch"])
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16", "int8"],
+    p.add_argument("--backend", choices=choices_of(Backend))
+    p.add_argument("--device", choices=choices_of(DeviceKind))
+    p.add_argument("--precision", choices=choices_of(Precision),
                    help="auto: fp16 on a GPU; on the CPU OpenVINO's int8 backbone where quantized, else bf16 "
                         "where the CPU has it, else fp32")
     p.add_argument("--threads", type=int, help="CPU threads for the runners (default: the cores given)")
-    p.add_argument("--torch-compile", choices=["auto", "on", "off"],
+    p.add_argument("--torch-compile", choices=choices_of(CompileMode),
                    help="torch backend: torch.compile the backbone (auto: with bf16 on the CPU)")
-    p.add_argument("--attention-norm", choices=["percentile", "minmax", "softmax", "raw"])
+    p.add_argument("--attention-norm", choices=choices_of(AttentionNorm))
     p.add_argument("--top-k", type=int, help="most attended tiles saved per slide (8; 0 = none)")
     p.add_argument("--heatmap-overlap", type=float, help="extra overlapping grid for a smoother map (e.g. 0.5)")
     p.add_argument("--no-geojson", action="store_true", help="skip the QuPath GeoJSON files")

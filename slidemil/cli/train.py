@@ -6,6 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from slidemil.choices import (
+    AmpDtype,
+    BatchNormMode,
+    DeviceKind,
+    LossName,
+    MilType,
+    Scheduler,
+    TrainingMode,
+    choices_of,
+)
 from slidemil.cli.common import Command, add_config_option
 
 
@@ -16,7 +26,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slides", help="end2end: slide files (folder, glob or CSV slide_id,path); default: a path "
                    "column of --metadata, else the slides the coords folder was tiled from")
     p.add_argument("--out", type=Path, required=True, help="run folder")
-    p.add_argument("--mode", choices=["features", "end2end"],
+    p.add_argument("--mode", choices=choices_of(TrainingMode),
                    help="features: a head on cached features (default); end2end: backbone and head on tiles")
     p.add_argument("--class-names", help="comma-separated class names, in label order")
     p.add_argument("--skip-missing", action="store_true", default=None,
@@ -32,7 +42,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     d.add_argument("--prefetch", type=int, help="batches each worker loads ahead (2)")
     d.add_argument("--cache", action="store_true", default=None, help="keep all bags in memory")
     m = p.add_argument_group("model")
-    m.add_argument("--mil", choices=["gated", "simple"], help="attention type (gated)")
+    m.add_argument("--mil", choices=choices_of(MilType), help="attention type (gated)")
     m.add_argument("--hidden-dim", type=int, help="projection width (256)")
     m.add_argument("--dropout", type=float, help="dropout after the projection (0.25)")
     m.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
@@ -44,7 +54,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     b.add_argument("--freeze-backbone", action="store_true", default=None, help="train the head only")
     b.add_argument("--freeze-until", metavar="STAGE",
                    help="freeze the backbone up to and including STAGE (layer3: a ResNet's layer4 trains; blocks.9)")
-    b.add_argument("--batchnorm", choices=["frozen", "train"],
+    b.add_argument("--batchnorm", choices=choices_of(BatchNormMode),
                    help="frozen: BatchNorm keeps its running statistics (default); train: per-batch statistics")
     b.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute activations in backward (less memory, ~30%% slower)")
@@ -57,7 +67,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     a.add_argument("--colour-jitter", type=float, help="brightness, contrast and saturation jitter (0.1)")
     a.add_argument("--stain-jitter", type=float, help="H&E stain jitter strength, e.g. 0.05; 0 = off (0)")
     lo = p.add_argument_group("loss")
-    lo.add_argument("--loss", choices=["ce", "focal"], help="loss (ce)")
+    lo.add_argument("--loss", choices=choices_of(LossName), help="loss (ce)")
     lo.add_argument("--focal-gamma", type=float, help="focal loss gamma (2)")
     lo.add_argument("--class-weights", action="store_true", default=None, help="inverse-frequency class weights")
     lo.add_argument("--weighted-sampling", action="store_true", default=None, help="class-balanced bag sampling")
@@ -68,17 +78,17 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, help="peak learning rate (5e-4)")
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay (1e-4)")
-    o.add_argument("--scheduler", choices=["cosine", "plateau", "none"], help="after warm-up (cosine)")
+    o.add_argument("--scheduler", choices=choices_of(Scheduler), help="after warm-up (cosine)")
     o.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs (1)")
     o.add_argument("--epochs", type=int, help="maximum epochs (40)")
     o.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")
     o.add_argument("--accumulate", type=int, help="batches per optimisation step (gradient accumulation) (1)")
     o.add_argument("--patience", type=int, help="early stopping patience in epochs, 0 = off (12)")
     o.add_argument("--monitor", help="validation metric of the best checkpoint (auc; balanced_accuracy, loss...)")
-    o.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(auto)")
+    o.add_argument("--device", choices=choices_of(DeviceKind), help="(auto)")
     o.add_argument("--threads", type=int, help="torch threads per process on CPU (all cores)")
     o.add_argument("--amp", action="store_true", default=None, help="mixed precision on CUDA")
-    o.add_argument("--amp-dtype", choices=["float16", "bfloat16"], help="AMP precision (float16)")
+    o.add_argument("--amp-dtype", choices=choices_of(AmpDtype), help="AMP precision (float16)")
     o.add_argument("--calibrate", action="store_true", default=None,
                    help="fit a temperature on the validation slides and store it in checkpoint_best")
     c = p.add_argument_group("cross-validation")

@@ -41,6 +41,7 @@ from slidemil.artifacts.package import (
     write_manifest,
 )
 from slidemil.atomic import TMP_MARK, atomic_path, write_json
+from slidemil.choices import Exporter
 from slidemil.errors import ConfigError, ExportError
 from slidemil.exporter.parity import (
     FIDELITY_TARGET,
@@ -80,7 +81,7 @@ class ExportConfig:
     """
 
     opset: int = DEFAULT_OPSET
-    exporter: str = "auto"
+    exporter: Exporter = "auto"
     fp16: bool = False
     max_batch: int = 256
     tensorrt: bool = False
@@ -90,8 +91,6 @@ class ExportConfig:
     workspace_gb: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.exporter not in ("auto", "dynamo", "legacy"):
-            raise ConfigError(f"exporter {self.exporter!r}: use auto, dynamo or legacy")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from slidemil.choices import TileSourceKind
 from slidemil.errors import SlidemilError, SlideReadError
 from slidemil.runtime.runners import Runner
 from slidemil.slide.readers import open_slide
@@ -42,7 +43,7 @@ class PipelineConfig:
     batch_size: int = 32
     workers: int = 2
     queue_batches: int = 6
-    tile_source: str = "auto"
+    tile_source: TileSourceKind = "auto"
     max_tiles: int | None = None
 
 

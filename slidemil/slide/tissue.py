@@ -13,11 +13,11 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import cv2
 import numpy as np
 
+from slidemil.choices import TissueMethod
 from slidemil.errors import ConfigError, NoTissueError, SlideOpenError
 from slidemil.slide.reader import SlideReader
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class TissueConfig:
     """Settings of tissue detection (lengths in um, areas in um^2, saturation 0-255)."""
 
-    method: Literal["otsu", "whole", "mask"] = "otsu"
+    method: TissueMethod = "otsu"
     thumb_mpp: float = 8.0
     saturation_floor: int = 12
     saturation_ceiling: int = 40

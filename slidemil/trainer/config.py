@@ -12,12 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slidemil import config as _config
+from slidemil.choices import AmpDtype, BatchNormMode, LossName, MilType, Scheduler, TrainingMode
 from slidemil.errors import ConfigError
 from slidemil.evaluation.metrics import monitor_mode
-
-SCHEDULERS = ("cosine", "plateau", "none")
-AMP_DTYPES = ("float16", "bfloat16")
-BATCHNORM_MODES = ("frozen", "train")
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,7 @@ class DataConfig:
 
     metadata: str = ""
     features: str = ""
-    mode: str = "features"
+    mode: TrainingMode = "features"
     coords: str = ""
     slides: str = ""
     class_names: tuple[str, ...] = ()
@@ -79,7 +76,7 @@ class ModelConfig:
             features).
     """
 
-    mil: str = "gated"
+    mil: MilType = "gated"
     hidden_dim: int = 256
     attention_dim: int = 128
     dropout: float = 0.25
@@ -112,7 +109,7 @@ class BackboneConfig:
     lr: float | None = None
     freeze: bool = False
     freeze_until: str | None = None
-    batchnorm: str = "frozen"
+    batchnorm: BatchNormMode = "frozen"
     grad_checkpointing: bool = False
     channels_last: bool = True
     chunk: int = 256
@@ -120,8 +117,6 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         if (self.lr is not None and self.lr <= 0) or self.chunk < 1:
             raise ConfigError(f"need backbone lr > 0 and chunk >= 1, got {self.lr}, {self.chunk}")
-        if self.batchnorm not in BATCHNORM_MODES:
-            raise ConfigError(f"batchnorm {self.batchnorm!r}: choose one of {list(BATCHNORM_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -176,7 +171,7 @@ class LossConfig:
         instance_k: tiles per bag whose per-class mean logit the max-instance term scores.
     """
 
-    name: str = "ce"
+    name: LossName = "ce"
     focal_gamma: float = 2.0
     class_weights: bool = False
     weighted_sampling: bool = False
@@ -211,7 +206,7 @@ class OptimConfig:
 
     lr: float = 5e-4
     weight_decay: float = 1e-4
-    scheduler: str = "cosine"
+    scheduler: Scheduler = "cosine"
     warmup_epochs: int = 1
     epochs: int = 40
     grad_clip: float = 1.0
@@ -223,8 +218,6 @@ class OptimConfig:
     plateau_factor: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"scheduler {self.scheduler!r}: choose one of {list(SCHEDULERS)}")
         if self.lr <= 0 or self.epochs < 1 or self.warmup_epochs < 0 or self.patience < 0 or self.accumulate < 1:
             raise ConfigError("need lr > 0, epochs >= 1, warmup_epochs >= 0, patience >= 0 and accumulate >= 1")
         monitor_mode(self.monitor)  # raises ConfigError for a metric that cannot be monitored
@@ -280,14 +273,12 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     amp: bool = False
-    amp_dtype: str = "float16"
+    amp_dtype: AmpDtype = "float16"
     calibrate: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device {self.device!r}: choose auto, cpu or cuda")
-        if self.amp_dtype not in AMP_DTYPES:
-            raise ConfigError(f"amp_dtype {self.amp_dtype!r}: choose one of {list(AMP_DTYPES)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe form (as written to ``train_config.json`` and checkpoints)."""

@@ -1,0 +1,48 @@
+"""The example configs of configs/ load into their stages' typed configs, and the Literal choices are checked
+once, when a config is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from slidemil.choices import MilType, choices_of
+from slidemil.config import load_config
+from slidemil.engine.score import ScoreConfig
+from slidemil.errors import ConfigError
+from slidemil.features.extract import ExtractConfig
+from slidemil.models.mil import list_heads
+from slidemil.slide.tiling import TilingConfig
+from slidemil.trainer.config import TrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name, cls", [("tiling.yaml", TilingConfig), ("extraction.yaml", ExtractConfig),
+                                       ("train_features.yaml", TrainConfig), ("train_end2end.yaml", TrainConfig),
+                                       ("cv.yaml", TrainConfig), ("scoring.yaml", ScoreConfig)])
+def test_example_configs_load(name: str, cls: type) -> None:
+    cfg = load_config(cls, CONFIGS / name)
+    assert isinstance(cfg, cls)
+
+
+def test_examples_say_what_they_set() -> None:
+    assert load_config(TrainConfig, CONFIGS / "train_end2end.yaml").data.mode == "end2end"
+    assert load_config(TrainConfig, CONFIGS / "cv.yaml").cv.folds == 5
+    assert load_config(TilingConfig, CONFIGS / "tiling.yaml") == TilingConfig()  # the defaults, written out
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(
+        ["tiling.yaml", "extraction.yaml", "train_features.yaml", "train_end2end.yaml", "cv.yaml", "scoring.yaml"])
+
+
+@pytest.mark.parametrize("cls, key, value", [(ScoreConfig, "backend", "tensorflow"), (ScoreConfig, "precision", "fp8"),
+                                             (ScoreConfig, "attention_norm", "max"), (TrainConfig, "optim.scheduler", "step"),
+                                             (TrainConfig, "model.mil", "lstm"), (ExtractConfig, "backend", "tensorrt"),
+                                             (TilingConfig, "tissue.method", "ai")])
+def test_a_choice_outside_its_literal_is_refused_naming_the_choices(cls: type, key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"is not one of \["):
+        load_config(cls, None, {key: value})
+
+
+def test_the_mil_choices_are_the_registered_heads() -> None:
+    assert sorted(choices_of(MilType)) == sorted(list_heads())
