@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO_OUT ?= slidemil-demo
 
-.PHONY: install demo demo-quick test test-slow test-gpu test-slurm lint bench
+.PHONY: install demo demo-quick test test-slow test-gpu test-slurm test-container lint bench
 
 install:
 	$(PIP) install -q -e ".[dev]"
@@ -26,7 +26,10 @@ test-gpu: install
 test-slurm: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m slurm
 
+test-container:
+	bash .ci/container.sh
+
 lint: install
 	$(PYTHON) -m ruff check slidemil tests bench
 	$(PYTHON) -m mypy
-	hadolint docker/Dockerfile docker/Dockerfile.cpu
+	hadolint docker/Dockerfile

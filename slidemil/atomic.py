@@ -37,6 +37,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+def temporary_dir(final: str | os.PathLike[str]) -> Path:
+    """A new folder beside ``final`` to build it in (renamed onto it when complete), with the permissions
+    of any new folder (``mkdtemp`` makes 0700: a package or tile folder must be readable by others)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}{final.name}-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

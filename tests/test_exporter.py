@@ -78,6 +78,10 @@ def package_copy(exported, tmp_path):
 
 def test_package_holds_graphs_torch_weights_and_manifest(exported):
     _, pkg = exported
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert pkg.root.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by others, as any new folder (not 0700)
     names = {p.relative_to(pkg.root).as_posix() for p in pkg.root.rglob("*") if p.is_file()}
     assert names == {MANIFEST_FILE, "backbone.onnx", "head.onnx", "backbone_fp16.onnx", "head_fp16.onnx",
                      "torch/backbone.safetensors", "torch/backbone_card.json", "torch/head.safetensors",

@@ -17,13 +17,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from slidemil.atomic import TMP_MARK, atomic_path, write_json
+from slidemil.atomic import TMP_MARK, atomic_path, temporary_dir, write_json
 from slidemil.engine.heatmap import attention_grid, grid_sidecar, grid_to_pixels, overlay_png
 from slidemil.jobs import ResultsTable
 from slidemil.slide.grid import TileGrid
@@ -209,7 +208,7 @@ def write_topk(out_dir: str | Path, slide_id: str, tiles: np.ndarray, coords: np
     final = slide_paths(out_dir, slide_id)["topk"]
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_dirs(final.parent, slide_id)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}{slide_id}-", dir=final.parent))
+    tmp = temporary_dir(final)
     try:
         rows = []
         for rank, i in enumerate(topk_indices(attention, len(attention)).tolist(), start=1):

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from slidemil.artifacts.package import (
     utc_now,
     write_manifest,
 )
-from slidemil.atomic import TMP_MARK, atomic_path, write_json
+from slidemil.atomic import TMP_MARK, atomic_path, temporary_dir, write_json
 from slidemil.choices import Exporter
 from slidemil.errors import ConfigError, ExportError
 from slidemil.exporter.parity import (
@@ -160,7 +159,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, cfg: ExportCo
         from slidemil.runtime.tensorrt_runner import import_tensorrt
         import_tensorrt()
     source = load_source(checkpoint)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}{out.name}-", dir=out.parent))
+    tmp = temporary_dir(out)
     try:
         manifest = build_package(source, tmp, cfg)
         export_info = {**manifest.export, "seconds": round(time.perf_counter() - started, 2)}
