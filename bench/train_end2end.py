@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--freeze-until")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path)
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = args.out or Path(tempfile.mkdtemp(prefix="bench-e2e-"))
@@ -107,6 +108,17 @@ def main() -> None:
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if torch.cuda.is_available() and args.device != "cpu":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    if args.json:
+        import json
+        gpu = torch.cuda.is_available() and args.device != "cpu"
+        args.json.write_text(json.dumps({
+            "backbone": args.backbone, "tile_px": args.tile_px, "max_patches": args.max_patches, "amp": args.amp,
+            "amp_dtype": args.amp_dtype, "device": args.device, "workers": args.workers,
+            "patches_per_s_by_epoch": [round(r, 1) for r in rates],
+            "patches_per_s": round(float(np.median(rates[1:] or rates)), 1),
+            "test_auc": result.test_metrics.get("auc") if np.isfinite(result.test_metrics.get("auc", np.nan)) else None,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if gpu else None}, indent=2))
 
 
 if __name__ == "__main__":

@@ -46,3 +46,16 @@ def test_a_choice_outside_its_literal_is_refused_naming_the_choices(cls: type, k
 
 def test_the_mil_choices_are_the_registered_heads() -> None:
     assert sorted(choices_of(MilType)) == sorted(list_heads())
+
+
+def test_train_command_sets_every_head_option() -> None:
+    from slidemil.cli import build_parser
+    from slidemil.cli.train import load_train_config
+
+    args = build_parser().parse_args(["train", "--out", "x", "--mil", "transmil", "--attention-dim", "64", "--n-heads",
+                                      "4", "--landmarks", "32", "--pinv-iterations", "8", "--instance-weight", "0",
+                                      "--instance-k", "3"])
+    cfg = load_train_config(args)
+    assert (cfg.model.mil, cfg.model.attention_dim, cfg.model.n_heads, cfg.model.landmarks,
+            cfg.model.pinv_iterations) == ("transmil", 64, 4, 32, 8)
+    assert (cfg.loss.instance_weight, cfg.loss.instance_k) == (0.0, 3)

@@ -38,11 +38,10 @@ def test_max_instance_loss_by_hand() -> None:
 def test_bag_logits_are_the_attention_weighted_instance_logits() -> None:
     torch.manual_seed(0)
     model = FeatureMIL(AttentionMIL(8, 3, hidden_dim=16, attention_dim=8, dropout=0.0)).eval()
-    model.watch_instances()
     inputs = torch.randn(2, 5, 8)
     mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
     out = model(BagBatch(inputs, mask, torch.tensor([0, 2]), torch.tensor([0, 1])))
-    inst = model.instance_logits()  # (B, N, C)
+    inst = model.head.instance_logits(inputs)  # (B, N, C)
     assert inst.shape == (2, 5, 3)
     pooled = torch.einsum("bn,bnc->bc", out.attention, inst)
     torch.testing.assert_close(pooled, out.logits, rtol=1e-5, atol=1e-6)

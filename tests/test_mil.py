@@ -64,7 +64,7 @@ def test_gated_and_simple_differ() -> None:
     x = torch.randn(2, 6, D)
     with torch.no_grad():
         assert not torch.allclose(gated(x).attention_raw, simple(x).attention_raw)
-    assert set(list_heads()) == {"gated", "simple"}
+    assert set(list_heads()) == {"gated", "simple", "clam_sb", "clam_mb", "dsmil", "transmil"}
 
 
 def test_temperature_divides_logits() -> None:

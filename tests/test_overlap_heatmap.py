@@ -116,7 +116,8 @@ class _DarknessHead(_StubRunner):
 
 @contextlib.contextmanager
 def _stub_models(*_args: Any, **_kwargs: Any) -> Iterator[list[LoadedModel]]:
-    package = SimpleNamespace(class_names=["normal", "tumour"], tiling=TILING, card=SimpleNamespace(feature_dim=3))
+    package = SimpleNamespace(class_names=["normal", "tumour"], tiling=TILING, card=SimpleNamespace(feature_dim=3),
+                              manifest=SimpleNamespace(operating_point=None))  # no operating point: argmax
     plan = ExecutionPlan("stub", "cpu", "fp32")
     yield [LoadedModel(name="stub", package=package, plan=plan,  # type: ignore[arg-type]
                        backbone=_MeanColour().activate(), head=_DarknessHead().activate())]

@@ -15,7 +15,7 @@ import pytest
 
 from slidemil.artifacts.package import load_package, write_manifest
 from slidemil.cli import main
-from slidemil.errors import BackendUnavailableError, ConfigError
+from slidemil.errors import BackendUnavailableError, ConfigError, PackageError
 from slidemil.exporter.export import ExportConfig, export_checkpoint
 from slidemil.exporter.parity import ParityConfig
 from slidemil.exporter.tensorrt import TensorRTConfig, build_package_engines, optimisation_profiles
@@ -134,3 +134,165 @@ def test_tensorrt_runner_dynamic_shapes(trt_ready, package):
             assert out["attention"].shape == (n,) and abs(float(out["probabilities"].sum()) - 1) < 1e-3
         with pytest.raises(ConfigError, match="max-bag"):
             head.infer({"features": np.zeros((20_001, 96), np.float32)})
+
+
+# --- the runner against a fake ``tensorrt`` module, on the CPU ---------------------------------------------
+# TensorRT 10's Python API as the runner uses it (Runtime, ICudaEngine's tensor queries, IExecutionContext's
+# set_input_shape / set_tensor_address / execute_async_v3); "device" memory is host memory here, read and
+# written through the addresses the runner binds, and the runner's CUDA device and stream are swapped for
+# CPU stand-ins. The engine's "plan" is a JSON description of its tensors.
+
+class _FakeContext:
+    def __init__(self, engine: _FakeEngine) -> None:
+        self.engine, self.shapes, self.addresses = engine, {}, {}
+
+    def set_input_shape(self, name: str, shape) -> bool:
+        low, _, high = self.engine.profile[name]
+        ok = len(shape) == len(low) and all(a <= s <= b for a, s, b in zip(low, shape, high))
+        if ok:
+            self.shapes[name] = tuple(shape)
+        return ok
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        if name in self.engine.profile:
+            return self.shapes[name]
+        rows = self.shapes[self.engine.inputs[0]][0]
+        return {"features": (rows, 3), "attention": (rows,), "probabilities": (2,)}[name]
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        self.addresses[name] = address
+        return True
+
+    def _array(self, name: str) -> np.ndarray:
+        import ctypes
+        dtype = self.engine.dtypes[name]
+        shape = self.get_tensor_shape(name)
+        size = int(np.prod(shape)) * dtype.itemsize
+        return np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(self.addresses[name])).view(dtype).reshape(shape)
+
+    def execute_async_v3(self, stream: int) -> bool:
+        x = self._array(self.engine.inputs[0]).astype(np.float32)
+        if self.engine.kind == "backbone":  # the mean colour of each tile, in fp16 as an fp16 engine gives it
+            self._array("features")[...] = (x.mean(axis=(1, 2)) / 255).astype(np.float16)
+        else:
+            score = x.mean(axis=1)
+            self._array("attention")[...] = score.astype(np.float16)
+            p = 1 / (1 + np.exp(-score.mean()))
+            self._array("probabilities")[...] = np.array([1 - p, p], np.float16)
+        return True
+
+
+class _FakeEngine:
+    def __init__(self, spec: dict) -> None:
+        self.kind, self.profile = spec["kind"], {k: tuple(map(tuple, v)) for k, v in spec["profile"].items()}
+        self.inputs = list(self.profile)
+        outputs = ["features"] if self.kind == "backbone" else ["attention", "probabilities"]
+        self.names = self.inputs + outputs
+        self.dtypes = {n: np.dtype(np.uint8 if self.kind == "backbone" and n in self.profile else
+                                   np.float32 if n in self.profile else np.float16) for n in self.names}
+        self.num_io_tensors = len(self.names)
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.names[i]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return "input" if name in self.profile else "output"
+
+    def get_tensor_profile_shape(self, name: str, profile: int):
+        return self.profile[name]
+
+    def get_tensor_dtype(self, name: str) -> np.dtype:
+        return self.dtypes[name]
+
+    def create_execution_context(self) -> _FakeContext:
+        return _FakeContext(self)
+
+
+def _fake_tensorrt():
+    import types
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.0.0-fake"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level: int) -> None:
+            self.level = level
+
+    class Runtime:
+        def __init__(self, logger: Logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes):
+            try:
+                return _FakeEngine(json.loads(data))
+            except ValueError:
+                return None  # as TensorRT: None for a plan it cannot load
+
+    trt.Logger, trt.Runtime = Logger, Runtime
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+    trt.nptype = lambda dtype: dtype
+    return trt
+
+
+@pytest.fixture
+def cpu_tensorrt(monkeypatch):
+    import contextlib
+    import types
+
+    from slidemil.runtime import tensorrt_runner
+    monkeypatch.setattr(tensorrt_runner, "import_tensorrt", _fake_tensorrt)
+
+    class CpuTensorRTRunner(TensorRTRunner):
+        def __init__(self, plan_path) -> None:
+            super().__init__(plan_path)
+            self.device_name = "cpu"
+
+        def _on_device(self):
+            return contextlib.nullcontext()
+
+        def _new_stream(self):
+            return types.SimpleNamespace(cuda_stream=0, synchronize=lambda: None)
+
+        def _on_stream(self):
+            return contextlib.nullcontext()
+
+    return CpuTensorRTRunner
+
+
+def _plan_file(tmp_path: Path, kind: str, profile: dict) -> Path:
+    path = tmp_path / f"{kind}_fp16.plan"
+    path.write_text(json.dumps({"kind": kind, "profile": profile}))
+    return path
+
+
+def test_tensorrt_runner_binds_buffers_runs_batches_in_chunks_and_takes_device_tensors(cpu_tensorrt, tmp_path):
+    import torch
+    plan = _plan_file(tmp_path, "backbone", {"tiles": [[1, 8, 8, 3], [8, 8, 8, 3], [16, 8, 8, 3]]})
+    tiles = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    want = tiles.astype(np.float32).mean(axis=(1, 2)) / 255
+    with cpu_tensorrt(plan) as runner:
+        meta = runner.input_metadata()["tiles"]
+        assert (meta.dtype, meta.shape, meta.batch_range) == ("uint8", (None, 8, 8, 3), (1, None))
+        assert runner.device_inputs and runner.precision == "fp16"
+        for n in (1, 7, 16, 40):  # 40 > the profile's 16: three runs
+            out = runner.infer({"tiles": tiles[:n]})["features"]
+            assert out.shape == (n, 3) and out.dtype == np.float32
+            np.testing.assert_allclose(out, want[:n], atol=2e-3)
+        on_device = runner.infer({"tiles": torch.from_numpy(tiles[:16])})["features"]  # a tensor on its device
+        np.testing.assert_allclose(on_device, want[:16], atol=2e-3)
+        streamed = [o["features"] for _, o in runner.infer_stream((i, {"tiles": torch.from_numpy(tiles[i:i + 10])})
+                                                                   for i in range(0, 40, 10))]
+        np.testing.assert_allclose(np.concatenate(streamed), want, atol=2e-3)
+
+
+def test_tensorrt_head_engine_refuses_a_bag_above_its_profile(cpu_tensorrt, tmp_path):
+    plan = _plan_file(tmp_path, "head", {"features": [[1, 4], [64, 4], [100, 4]]})
+    with cpu_tensorrt(plan) as runner:
+        out = runner.infer({"features": np.ones((100, 4), np.float32)})
+        assert out["attention"].shape == (100,) and abs(float(out["probabilities"].sum()) - 1) < 1e-3
+        with pytest.raises(ConfigError, match="max-bag"):
+            runner.infer({"features": np.ones((101, 4), np.float32)})
+    (tmp_path / "bad_fp16.plan").write_bytes(b"not an engine")
+    with pytest.raises(PackageError, match="rebuild with: slidemil build-engine"):
+        cpu_tensorrt(tmp_path / "bad_fp16.plan").activate()

@@ -2,7 +2,7 @@
 
 A checkpoint ``NAME`` is
 
-- ``NAME.safetensors``: model weights; keys ``head.*`` (the AttentionMIL state dict, with its
+- ``NAME.safetensors``: model weights; keys ``head.*`` (the MIL head's state dict, with its
   temperature buffer) and, for end-to-end checkpoints, ``backbone.*``;
 - ``NAME.json``: ``{"schema": 1, "mode", "epoch", "metrics", "class_names", "head_config",
   "backbone_card", "backbone_weights": "inside" | "backbone/" | "refetch", "tiling",
@@ -52,7 +52,7 @@ from slidemil.models.backbones import (
     state_dict_sha256,
     unshared,
 )
-from slidemil.models.mil import AttentionMIL, HeadConfig, create_head
+from slidemil.models.mil import HeadConfig, MILHead, create_head
 from slidemil.slide.tiling import TilingConfig
 
 log = logging.getLogger(__name__)
@@ -275,8 +275,8 @@ class Checkpoint:
                 raise CheckpointError(f"{path} cannot be read ({exc})") from exc
         return self._weights
 
-    def head(self) -> AttentionMIL:
-        """The trained attention-MIL head (eval mode)."""
+    def head(self) -> MILHead:
+        """The trained MIL head (eval mode)."""
         head = create_head(self.record.head_config)
         state = {k[len("head."):]: v for k, v in self.weights().items() if k.startswith("head.")}
         try:
@@ -334,7 +334,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return ckpt.weights(), ckpt.record.raw
 
 
-def load_head(path: str | Path) -> tuple[AttentionMIL, dict[str, Any]]:
+def load_head(path: str | Path) -> tuple[MILHead, dict[str, Any]]:
     """The trained head of checkpoint ``path`` (eval mode) and its JSON record."""
     ckpt = Checkpoint.open(path)
     return ckpt.head(), ckpt.record.raw

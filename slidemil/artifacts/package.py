@@ -72,7 +72,11 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class MilSpec:
-    """The attention-MIL head: type and widths, and the temperature folded into its logits."""
+    """The MIL head: type and widths, the temperature folded into its logits, and its outputs.
+
+    ``n_heads``, ``landmarks``, ``pinv_iterations`` (TransMIL) and ``outputs`` were added later: a
+    manifest without them is a gated or simple head with the four outputs.
+    """
 
     type: str
     in_dim: int
@@ -80,6 +84,10 @@ class MilSpec:
     hidden_dim: int
     attention_dim: int
     temperature: float
+    n_heads: int = 8
+    landmarks: int = 128
+    pinv_iterations: int = 6
+    outputs: tuple[str, ...] = ("logits", "probabilities", "attention", "attention_raw")
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,9 @@ class Manifest:
         tensorrt: engines, profiles, GPU name, compute capability, TensorRT version; None if absent.
         openvino: ``{"int8": {"backbone": "backbone_int8.xml", "weights": ..., "calibration": ...,
             "parity": ...}}`` from ``slidemil quantize``; None if absent.
+        operating_point: ``{"class": name, "threshold": t, "chosen_on": ..., ...}``: the engine predicts
+            ``class`` where its probability is at least ``t`` (else the most probable other class);
+            None (older packages, multi-class heads): the most probable class.
     """
 
     schema_version: int
@@ -123,6 +134,7 @@ class Manifest:
     export: dict[str, Any]
     tensorrt: dict[str, Any] | None = None
     openvino: dict[str, Any] | None = None
+    operating_point: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe form (the bytes of ``manifest.json``)."""
@@ -176,7 +188,8 @@ class Package:
     def head_config(self) -> HeadConfig:
         mil = self.manifest.mil
         return HeadConfig(mil_type=mil.type, in_dim=mil.in_dim, n_classes=mil.n_classes,
-                          hidden_dim=mil.hidden_dim, attention_dim=mil.attention_dim)
+                          hidden_dim=mil.hidden_dim, attention_dim=mil.attention_dim, n_heads=mil.n_heads,
+                          landmarks=mil.landmarks, pinv_iterations=mil.pinv_iterations)
 
     def precisions(self, kind: str = "backbone", fmt: str = "onnx") -> tuple[str, ...]:
         """Precisions present for a graph kind, as ONNX graphs or TensorRT engines."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slidemil.choices import TileSourceKind, TissueMethod, choices_of
+from slidemil.choices import DecodeMode, TileSourceKind, TissueMethod, choices_of
 
 log = logging.getLogger("slidemil")
 
@@ -53,10 +53,18 @@ def tiling_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_reading_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reading")
-    g.add_argument("--batch-size", type=int, help="tiles per batch (32)")
+    g.add_argument("--batch-size", type=int,
+                   help="tiles per batch (default: 32 on a CPU; on a GPU from its free memory and the model, at most "
+                        "512, halved on out-of-memory)")
     g.add_argument("--workers", type=int, help="reader threads (2)")
     g.add_argument("--tile-source", choices=choices_of(TileSourceKind), help="how tiles are read (auto)")
+    g.add_argument("--decode", choices=choices_of(DecodeMode),
+                   help="where JPEG tiles are decoded: auto (on the GPU when the model runs on one, with nvJPEG), "
+                        "cpu (in the reader threads), device (on the model's device, even a CPU)")
     g.add_argument("--shard", help="I/N: process the I-th of N shards of the slide list (SLURM arrays)")
+    g.add_argument("--devices",
+                   help="several devices of this node, one worker process each over a shared slide queue: all "
+                        "(every GPU), GPU indices 0,1,..., or cpu:N (N CPU workers)")
 
 
 def add_config_option(p: argparse.ArgumentParser) -> None:

@@ -45,11 +45,16 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"backbone": args.backbone, "weights": args.weights, "checkpoint": args.checkpoint,
                  "backend": args.backend, "device": args.device, "precision": args.precision,
                  "torch_compile": args.torch_compile, "reading.batch_size": args.batch_size, "reading.workers": args.workers,
-                 "reading.tile_source": args.tile_source, "reading.max_tiles": args.limit_tiles,
+                 "reading.tile_source": args.tile_source, "reading.decode": args.decode, "reading.max_tiles": args.limit_tiles,
                  **{f"tiling.{k}": v for k, v in tiling_overrides(args).items()}}
     cfg = load_config(ExtractConfig, args.config, overrides)
-    batch = extract_features(args.slides, args.out, cfg, coords_dir=args.coords, slide_mpp=args.slide_mpp,
-                             shard=args.shard)
+    if args.devices:
+        from slidemil.features.multi_device import extract_on_devices
+        batch = extract_on_devices(args.slides, args.out, cfg, args.devices, coords_dir=args.coords,
+                                   slide_mpp=args.slide_mpp, shard=args.shard)
+    else:
+        batch = extract_features(args.slides, args.out, cfg, coords_dir=args.coords, slide_mpp=args.slide_mpp,
+                                 shard=args.shard)
     return report_batch(batch)
 
 

@@ -47,10 +47,15 @@ def run(args: argparse.Namespace) -> int:
                  "viewer_files": False if args.no_viewer_files else None,
                  "min_tissue": args.min_tissue, "allow_upsample": args.allow_upsample, "mask_dir": args.mask_dir,
                  "reading.batch_size": args.batch_size, "reading.workers": args.workers,
-                 "reading.tile_source": args.tile_source}
+                 "reading.tile_source": args.tile_source, "reading.decode": args.decode}
     cfg = load_config(ScoreConfig, args.config, overrides)
-    summary = score_slides([args.model_dir, *args.model], args.slides, args.out, cfg, slide_mpp=args.slide_mpp,
-                           shard=args.shard)
+    if args.devices:
+        from slidemil.engine.multi_device import score_on_devices
+        summary = score_on_devices([args.model_dir, *args.model], args.slides, args.out, args.devices, cfg,
+                                   slide_mpp=args.slide_mpp, shard=args.shard)
+    else:
+        summary = score_slides([args.model_dir, *args.model], args.slides, args.out, cfg, slide_mpp=args.slide_mpp,
+                               shard=args.shard)
     import logging
     logging.getLogger("slidemil").info(
         "%d slides (%d failed), %s tiles/s, %s slides/h -> %s", summary["slides"], summary["failures"],

@@ -42,9 +42,14 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     d.add_argument("--prefetch", type=int, help="batches each worker loads ahead (2)")
     d.add_argument("--cache", action="store_true", default=None, help="keep all bags in memory")
     m = p.add_argument_group("model")
-    m.add_argument("--mil", choices=choices_of(MilType), help="attention type (gated)")
+    m.add_argument("--mil", choices=choices_of(MilType),
+                   help="MIL head: gated or simple attention (ABMIL), clam_sb, clam_mb, dsmil, transmil (gated)")
     m.add_argument("--hidden-dim", type=int, help="projection width (256)")
+    m.add_argument("--attention-dim", type=int, help="attention network width (128; DSMIL: its query)")
     m.add_argument("--dropout", type=float, help="dropout after the projection (0.25)")
+    m.add_argument("--n-heads", type=int, help="TransMIL: attention heads (8)")
+    m.add_argument("--landmarks", type=int, help="TransMIL: Nystrom landmarks (128)")
+    m.add_argument("--pinv-iterations", type=int, help="TransMIL: pseudo-inverse iterations (6)")
     m.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                    help="feed raw features (default: standardised with training-set statistics)")
     b = p.add_argument_group("end-to-end backbone")
@@ -72,9 +77,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--class-weights", action="store_true", default=None, help="inverse-frequency class weights")
     lo.add_argument("--weighted-sampling", action="store_true", default=None, help="class-balanced bag sampling")
     lo.add_argument("--label-smoothing", type=float, help="label smoothing (0)")
-    lo.add_argument("--instance-weight", type=float, help="weight of the max-instance term: a bag's top "
-                    "tiles must give its label too (0; 0.5 for lesions of a few tiles)")
-    lo.add_argument("--instance-k", type=int, help="tiles per bag the max-instance term pools (1)")
+    lo.add_argument("--instance-weight", type=float, help="weight of the head's instance-level loss term, 0 = off "
+                    "(the head's default: ABMIL's max-instance term 0.5, CLAM's clustering 0.43, DSMIL's 1)")
+    lo.add_argument("--instance-k", type=int, help="tiles per bag that term looks at (the head's: 1; CLAM 8)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, help="peak learning rate (5e-4)")
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay (1e-4)")
@@ -120,7 +125,8 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "augment.enabled": args.augment, "augment.brightness": jitter, "augment.contrast": jitter,
         "augment.saturation": jitter, "augment.stain": args.stain_jitter,
         "model.mil": args.mil, "model.hidden_dim": args.hidden_dim, "model.dropout": args.dropout,
-        "model.standardize": args.standardize,
+        "model.attention_dim": args.attention_dim, "model.n_heads": args.n_heads, "model.landmarks": args.landmarks,
+        "model.pinv_iterations": args.pinv_iterations, "model.standardize": args.standardize,
         "loss.name": args.loss, "loss.focal_gamma": args.focal_gamma, "loss.class_weights": args.class_weights,
         "loss.weighted_sampling": args.weighted_sampling, "loss.label_smoothing": args.label_smoothing,
         "loss.instance_weight": args.instance_weight, "loss.instance_k": args.instance_k,
@@ -168,7 +174,7 @@ def summary(args: argparse.Namespace) -> int:
 
 
 COMMANDS = (
-    Command("train", "train an attention-MIL head (or backbone + head, --mode end2end) on slide labels "
+    Command("train", "train a MIL head (or backbone + head, --mode end2end) on slide labels "
          "(DDP under torchrun)",
             _train_options, run),
     Command("cv-summary", "write OUT/cv_summary.csv from the fold folders of a cross-validation run",

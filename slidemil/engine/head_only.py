@@ -1,4 +1,4 @@
-"""The attention-MIL head alone, from a model package or a training checkpoint, for stored features.
+"""The MIL head alone, from a model package or a training checkpoint, for stored features.
 
 A package's head runs as the engine runs it: ``head.onnx`` on ONNX Runtime on the CPU (exact fp32),
 so probabilities and attention from stored features equal ``slidemil score``'s on the same
@@ -26,7 +26,6 @@ from slidemil.slide.tissue import TissueConfig
 
 log = logging.getLogger(__name__)
 
-HEAD_OUTPUTS = ("logits", "probabilities", "attention", "attention_raw")
 
 
 class HeadRunner(Protocol):
@@ -42,7 +41,8 @@ class HeadRunner(Protocol):
 
 
 class TorchHead:
-    """A checkpoint's head in torch, fp32 on the CPU: ``infer({"features": (N, D)})`` -> the four outputs."""
+    """A checkpoint's head in torch, fp32 on the CPU: ``infer({"features": (N, D)})`` -> the outputs of
+    ``head.onnx`` (``module.output_names``)."""
 
     def __init__(self, module: BagHead) -> None:
         self.module = module.eval()
@@ -58,7 +58,7 @@ class TorchHead:
 
         with torch.inference_mode():
             outs = self.module(torch.as_tensor(np.asarray(feed["features"], dtype=np.float32)))
-        return {name: t.float().numpy() for name, t in zip(HEAD_OUTPUTS, outs)}
+        return {name: t.float().numpy() for name, t in zip(self.module.output_names, outs)}
 
     def describe(self) -> str:
         return "torch (cpu, fp32)"
@@ -78,6 +78,7 @@ class HeadModel:
         weights_sha256: sha256 of the backbone weights its features came from (None when unrecorded).
         tile: the tile geometry it was trained on (None when unrecorded).
         tissue: tissue detection settings (for the thumbnail and tissue mask of a slide file).
+        operating_point: the threshold the predicted class follows (None: the most probable class).
     """
 
     source: Path
@@ -88,6 +89,7 @@ class HeadModel:
     weights_sha256: str | None
     tile: TileSpec | None
     tissue: TissueConfig
+    operating_point: dict[str, Any] | None = None
 
     def describe(self) -> str:
         return f"head of {self.kind} {self.source.name} on {self.runner.describe()}"
@@ -134,7 +136,7 @@ def open_head(model: str | Path, threads: int | None = None) -> HeadModel:
         return HeadModel(source=path, kind="package", class_names=list(package.class_names),
                          in_dim=package.manifest.mil.in_dim, runner=runner,
                          weights_sha256=package.card.weights_sha256, tile=package.tiling.tile,
-                         tissue=package.tiling.tissue)
+                         tissue=package.tiling.tissue, operating_point=package.manifest.operating_point)
     if path.is_dir():
         raise ConfigError(f"{path} is neither a model package (no {MANIFEST_FILE}) nor a checkpoint; give the "
                           "folder `slidemil export` wrote, or a checkpoint such as run/checkpoint_best")
@@ -146,4 +148,5 @@ def open_head(model: str | Path, threads: int | None = None) -> HeadModel:
                      in_dim=record.head_config.in_dim, runner=runner,
                      weights_sha256=card.weights_sha256 if card is not None else None,
                      tile=record.tiling.tile if record.tiling is not None else None,
-                     tissue=record.tiling.tissue if record.tiling is not None else TissueConfig())
+                     tissue=record.tiling.tissue if record.tiling is not None else TissueConfig(),
+                     operating_point=record.raw.get("operating_point"))

@@ -38,6 +38,7 @@ from slidemil.engine.outputs import (
     outputs_complete,
     slide_paths,
     topk_indices,
+    write_class_heatmaps,
     write_geojson,
     write_heatmap,
     write_run_summary,
@@ -46,7 +47,9 @@ from slidemil.engine.outputs import (
 from slidemil.engine.smooth_heatmap import DEFAULT_SIGMA, smooth_attention_map
 from slidemil.engine.viewer_files import viewer_paths, write_viewer_files
 from slidemil.errors import NoTissueError, SlideOpenError, StoreError
+from slidemil.evaluation.operating_point import predict_index
 from slidemil.jobs import FAILURES, error_text, pending
+from slidemil.models.mil import PER_CLASS_OUTPUT
 from slidemil.slide.grid import TileGrid, covered_by_tiles, grid_from_coords
 from slidemil.slide.reader import SlideReader
 from slidemil.slide.readers import open_slide
@@ -166,11 +169,14 @@ def heatmap_slide(path: Path, head: HeadModel, out: Path, cfg: HeatmapConfig, en
         probs = np.asarray(outputs["probabilities"], dtype=np.float64).reshape(-1)
         raw = np.asarray(outputs["attention_raw"], dtype=np.float32).reshape(-1)
         attention = normalize_attention(raw, cfg.attention_norm)
-        index = int(np.argmax(probs))
+        per_class = outputs.get(PER_CLASS_OUTPUT)
+        if per_class is not None:
+            per_class = np.stack([normalize_attention(a, cfg.attention_norm) for a in per_class])
+        index = int(predict_index(probs, head.operating_point))
         row.update(pred_class=head.class_names[index], pred_index=index, n_tiles=len(grid),
                    attention_norm=cfg.attention_norm,
                    **{f"prob_{c}": float(p) for c, p in zip(head.class_names, probs)})
-        write_outputs(out, grid, bag, attention, raw, probs, row, head, cfg, entry)
+        write_outputs(out, grid, bag, attention, raw, probs, row, head, cfg, entry, per_class)
     except FAILURES as exc:
         log.warning("%s: %s", path.stem, exc)
         row.update(status="error", error=error_text(exc))
@@ -203,8 +209,9 @@ def read_bag(path: Path, head: HeadModel) -> FeatureBag:
 
 def write_outputs(out: Path, grid: TileGrid, bag: FeatureBag, attention: np.ndarray, raw: np.ndarray,
                   probs: np.ndarray, row: dict[str, Any], head: HeadModel, cfg: HeatmapConfig,
-                  entry: SlideEntry | None) -> None:
-    """The engine's writers, in ``score``'s order; the predictions row is appended by the caller, last."""
+                  entry: SlideEntry | None, per_class: np.ndarray | None = None) -> None:
+    """The engine's writers, in ``score``'s order (``per_class``: (C, N) normalised maps of heads that
+    have one per class); the predictions row is appended by the caller, last."""
     slide_id, predicted = row["slide_id"], row["pred_class"]
     top = topk_indices(attention, cfg.top_k)
     with _open(entry) as reader:
@@ -220,6 +227,9 @@ def write_outputs(out: Path, grid: TileGrid, bag: FeatureBag, attention: np.ndar
     write_heatmap(out, slide_id, grid, attention, cfg.attention_norm, canvas.thumbnail, title, smooth)
     if smooth is not None:
         describe_smooth_map(slide_paths(out, slide_id)["sidecar"], cfg.smooth_sigma)
+    if per_class is not None:
+        write_class_heatmaps(out, slide_id, grid, per_class, cfg.attention_norm, canvas.thumbnail, head.class_names,
+                             probs)
     if cfg.geojson:
         fc = geojson_tiles(grid, attention, cfg.attention_norm, head.class_names, probs, extra={"attention_raw": raw})
         write_geojson(slide_paths(out, slide_id)["geojson"], fc)

@@ -6,6 +6,7 @@ Layout under the output folder::
     run_summary.json                      batch figures (write_run_summary)
     heatmaps/<id>.npy, .json, .png        attention grid, its sidecar, the overlay (write_heatmap)
     heatmaps/<id>.overlap.npy             optional smoother map (--heatmap-overlap)
+    heatmaps/<id>.class_<name>.npy, ...   one map per class, for heads that have them (write_class_heatmaps)
     geojson/<id>.geojson                  one QuPath tile per tile (geojson_tiles, write_geojson)
     topk/<id>/rankNN_x<x>_y<y>.png        most attended tiles, rank01 highest, and index.csv
 """
@@ -81,6 +82,30 @@ def write_heatmap(out_dir: str | Path, slide_id: str, grid: TileGrid, values: np
     write_json(paths["sidecar"], sidecar)
     write_png(paths["png"], overlay_png(thumbnail, shown, title, cmap=cmap, alpha=alpha,
                                         label=f"attention ({norm})"))
+    return written
+
+
+def class_map_id(slide_id: str, class_name: str) -> str:
+    """The file stem of a slide's map for one class: ``<id>.class_<name>`` (characters other than letters,
+    digits, ``.``, ``-`` and ``_`` in the name become ``_``)."""
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(class_name))
+    return f"{slide_id}.class_{safe}"
+
+
+def write_class_heatmaps(out_dir: str | Path, slide_id: str, grid: TileGrid, per_class: np.ndarray, norm: str,
+                         thumbnail: np.ndarray, class_names: list[str], probabilities: np.ndarray) -> list[Path]:
+    """One heatmap per class (heads with one attention map per class, e.g. CLAM-MB, DSMIL):
+    ``heatmaps/<id>.class_<name>.npy``, ``.json`` and ``.png``, laid out as :func:`write_heatmap`'s.
+
+    Args:
+        per_class: (C, N) normalised attention of each class's map.
+        probabilities: (C,) the slide's probabilities (in each title).
+    """
+    written: list[Path] = []
+    for c, name in enumerate(class_names):
+        title = f"{slide_id}: attention for {name} (p = {float(probabilities[c]):.3f})"
+        paths = write_heatmap(out_dir, class_map_id(slide_id, name), grid, per_class[c], norm, thumbnail, title)
+        written += list(paths.values())
     return written
 
 

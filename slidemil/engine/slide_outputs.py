@@ -1,6 +1,7 @@
 """Writing one scored slide's outputs (run by the engine's writer thread).
 
-Heatmap grid (.npy + sidecar .json), overlay PNG, GeoJSON tiles for QuPath, the top-k most
+Heatmap grid (.npy + sidecar .json), overlay PNG (and one of each per class for heads with one attention
+map per class), GeoJSON tiles for QuPath, the top-k most
 attended tiles, then the slide's row in predictions.csv, last, so that a row with status ``ok``
 always means its files are complete.
 """
@@ -20,6 +21,7 @@ from slidemil.engine.outputs import (
     geojson_tiles,
     slide_paths,
     topk_indices,
+    write_class_heatmaps,
     write_geojson,
     write_heatmap,
     write_topk,
@@ -42,6 +44,7 @@ class SlideResult:
     probabilities: np.ndarray | None = None  # (C,)
     attention: np.ndarray | None = None  # (N,) normalised
     attention_raw: np.ndarray | None = None  # (N,)
+    attention_per_class: np.ndarray | None = None  # (C, N) normalised, for heads with one map per class
     overlap_attention: tuple[np.ndarray, np.ndarray, int] | None = field(default=None)  # coords, values, size
 
 
@@ -71,6 +74,9 @@ def _write_files(result: SlideResult, out: Path, cfg: Any, class_names: list[str
         coords, values, size0 = result.overlap_attention
         overlap_map = overlap_heatmap(grid.level0_size, coords, size0, values, plan.thumbnail.shape[:2])
     write_heatmap(out, slide_id, grid, result.attention, cfg.attention_norm, plan.thumbnail, title, overlap_map)
+    if result.attention_per_class is not None:
+        write_class_heatmaps(out, slide_id, grid, result.attention_per_class, cfg.attention_norm, plan.thumbnail,
+                             class_names, result.probabilities)
     if cfg.geojson:
         fc = geojson_tiles(grid, result.attention, cfg.attention_norm, class_names, result.probabilities,
                            extra={"attention_raw": result.attention_raw} if result.attention_raw is not None else None)

@@ -52,7 +52,7 @@ from slidemil.exporter.parity import (
     tolerance_for,
 )
 from slidemil.models.backbones import CARD_FILE, BackboneCard, save_backbone, state_dict_sha256, unshared
-from slidemil.models.mil import AttentionMIL, BagHead, HeadConfig
+from slidemil.models.mil import BagHead, HeadConfig, MILHead
 from slidemil.models.onnx import DEFAULT_OPSET, export_backbone, export_head
 from slidemil.models.preprocess import UInt8Backbone
 from slidemil.runtime.plan import ExecutionPlan, ModelFiles, build_runners
@@ -100,11 +100,12 @@ class ExportSource:
 
     backbone: nn.Module
     card: BackboneCard
-    head: AttentionMIL
+    head: MILHead
     head_config: HeadConfig
     class_names: tuple[str, ...]
     tiling: TilingConfig
     provenance: dict[str, Any]
+    operating_point: dict[str, Any] | None = None
 
 
 def load_source(checkpoint: str | Path) -> ExportSource:
@@ -133,7 +134,24 @@ def load_source(checkpoint: str | Path) -> ExportSource:
     provenance = {"checkpoint": checkpoint.name, "mode": record.mode, "epoch": record.epoch,
                   "metrics": meta.get("metrics"), "backbone_weights": record.backbone_weights,
                   "checkpoint_files": meta.get("files"), "trained_with": meta.get("slidemil_version")}
-    return ExportSource(backbone.eval(), card, head.eval(), record.head_config, record.class_names, tiling, provenance)
+    return ExportSource(backbone.eval(), card, head.eval(), record.head_config, record.class_names, tiling, provenance,
+                        operating_point(meta, record.class_names))
+
+
+def operating_point(meta: dict[str, Any], class_names: tuple[str, ...]) -> dict[str, Any] | None:
+    """The checkpoint's operating point (None when it has none), checked against its class names."""
+    op = meta.get("operating_point")
+    if op is None:
+        return None
+    try:
+        index, threshold = int(op["class_index"]), float(op["threshold"])
+        ok = 0 <= index < len(class_names) and class_names[index] == op["class"] and 0.0 <= threshold <= 1.0
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ExportError(f"the checkpoint's operating_point {op!r} does not fit its classes {list(class_names)}; "
+                          "the record was edited: remove the field or train again")
+    return dict(op)
 
 
 def _same_backbone(found: str | None, recorded: BackboneCard, where: str) -> None:
@@ -199,9 +217,10 @@ def build_package(src: ExportSource, root: Path, cfg: ExportConfig) -> Manifest:
     export_info = {**src.provenance, "config": config.to_dict(cfg)}
     if cfg.fp16:
         export_info["fp16_converter"] = CONVERTER
-    mil = MilSpec(type=src.head_config.mil_type, in_dim=src.head_config.in_dim, n_classes=src.head_config.n_classes,
-                  hidden_dim=src.head_config.hidden_dim, attention_dim=src.head_config.attention_dim,
-                  temperature=float(src.head.temperature))
+    hc = src.head_config
+    mil = MilSpec(type=hc.mil_type, in_dim=hc.in_dim, n_classes=hc.n_classes, hidden_dim=hc.hidden_dim,
+                  attention_dim=hc.attention_dim, temperature=float(src.head.temperature), n_heads=hc.n_heads,
+                  landmarks=hc.landmarks, pinv_iterations=hc.pinv_iterations, outputs=head.output_names)
     normalisation = {"scale": 1 / 255, "mean": list(src.card.mean), "std": list(src.card.std),
                      "formula": "(x / 255 - mean) / std, per RGB channel"}
     return Manifest(
@@ -209,7 +228,8 @@ def build_package(src: ExportSource, root: Path, cfg: ExportConfig) -> Manifest:
         tissue=src.tiling.tissue, backbone=src.card,
         input=InputSpec(name="tiles", shape=("batch", px, px, 3), normalisation_in_graph=normalisation),
         mil=mil, opset=cfg.opset, max_batch=cfg.max_batch, graphs=graphs, torch=dict(TORCH_FILES), files={},
-        library_versions=library_versions(), parity=parity, export=export_info, tensorrt=tensorrt)
+        library_versions=library_versions(), parity=parity, export=export_info, tensorrt=tensorrt,
+        operating_point=src.operating_point)
 
 
 def save_torch_weights(root: Path, src: ExportSource) -> None:

@@ -9,6 +9,8 @@ available), through the backbone at several batch sizes and the head on bags of 
 - ``features``: max abs / relative difference and the lowest cosine similarity per tile;
 - ``end_to_end``: bags of the real tiles, each side running its own backbone then its own head;
 - ``head``: bags of resampled real features with noise (1, 500, 20,000 tiles), same input to both heads;
+- per bag set: |d| of logits, probabilities, attention and, for heads with one map per class,
+  ``attention_per_class``;
 - ``probabilities`` and ``argmax_agreement`` over all bags, against the tolerance of the precision.
 
 Which figures gate (``measure_parity(gate=...)``):
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from slidemil.errors import ExportError
-from slidemil.models.onnx import HEAD_OUTPUTS
+from slidemil.models.mil import HEAD_OUTPUTS, PER_CLASS_OUTPUT
 from slidemil.runtime.plan import RunnerPair
 from slidemil.runtime.runners import Runner
 from slidemil.slide.tiling import TilingConfig
@@ -161,8 +163,11 @@ def _score(runner: Runner, bags: list[np.ndarray]) -> list[dict[str, np.ndarray]
 
 def compare_bags(ref: list[dict[str, np.ndarray]], out: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Head outputs of the same bags, reference vs candidate."""
+    names = [n for n in HEAD_OUTPUTS if n != "attention_raw"]
+    if ref and all(PER_CLASS_OUTPUT in r and PER_CLASS_OUTPUT in o for r, o in zip(ref, out)):
+        names.append(PER_CLASS_OUTPUT)  # heads with one attention map per class
     figures: dict[str, Any] = {name: _worst(*(difference(r[name], o[name]) for r, o in zip(ref, out)))
-                               for name in HEAD_OUTPUTS if name != "attention_raw"}
+                               for name in names}
     agree = [int(np.argmax(r["probabilities"]) == np.argmax(o["probabilities"])) for r, o in zip(ref, out)]
     figures.update(argmax_agreement=float(np.mean(agree)), n_bags=len(agree))
     return figures

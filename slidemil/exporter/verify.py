@@ -22,6 +22,7 @@ from slidemil.exporter.parity import (
     parity_tiles,
     tolerance_for,
 )
+from slidemil.models.mil import PER_CLASS_OUTPUT
 from slidemil.runtime.plan import (
     ExecutionPlan,
     ModelFiles,
@@ -136,14 +137,19 @@ def _smoke(pair: RunnerPair, tiles: np.ndarray, features: np.ndarray, n_classes:
     if feats.shape != (len(tiles), features.shape[1]) or not np.isfinite(feats).all():
         problems.append(f"backbone gave {feats.shape} (finite: {bool(np.isfinite(feats).all())})")
     out = pair.head.infer({"features": features})
-    want = {"logits": (n_classes,), "probabilities": (n_classes,), "attention": (len(features),),
-            "attention_raw": (len(features),)}
+    want: dict[str, tuple[int, ...]] = {"logits": (n_classes,), "probabilities": (n_classes,),
+                                        "attention": (len(features),), "attention_raw": (len(features),)}
+    if PER_CLASS_OUTPUT in out:  # heads with one attention map per class
+        want[PER_CLASS_OUTPUT] = (n_classes, len(features))
     for name, shape in want.items():
         if name not in out or out[name].shape != shape or not np.isfinite(out[name]).all():
             problems.append(f"head output {name}: {getattr(out.get(name), 'shape', 'missing')}, want {shape}")
     for name in ("probabilities", "attention"):
         if name in out and abs(float(out[name].sum()) - 1.0) > 1e-3:
             problems.append(f"head {name} sum to {float(out[name].sum()):.4f}, not 1")
+    per_class = out.get(PER_CLASS_OUTPUT)
+    if per_class is not None and per_class.shape == want[PER_CLASS_OUTPUT] and np.abs(per_class.sum(1) - 1).max() > 1e-3:
+        problems.append(f"head {PER_CLASS_OUTPUT}: a class's map sums to {per_class.sum(1).tolist()}, not 1")
     return problems
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from slidemil.config import save_config
 from slidemil.jobs import FAILURES, ResultsTable, error_text, pending
 from slidemil.models.backbones import BackboneCard, create_backbone
 from slidemil.models.preprocess import UInt8Backbone
+from slidemil.runtime.device_pipeline import prepare_device_decode
+from slidemil.runtime.devices import SlideClaims
 from slidemil.runtime.pipeline import PipelineConfig, SlideStream, TilePipeline, backbone_features
 from slidemil.runtime.plan import backbone_files, build_backbone_runner, plan_execution
 from slidemil.runtime.runners import Runner
@@ -79,20 +82,24 @@ def plan_from_coords(coords_dir: Path) -> Any:
 
 def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig,
                      coords_dir: str | Path | None = None, slide_mpp: float | None = None,
-                     shard: str | None = None) -> ResultsTable:
-    """Extract features of every slide (coords from ``coords_dir``, or tiled on the fly)."""
+                     shard: str | None = None, claims: SlideClaims | None = None) -> ResultsTable:
+    """Extract features of every slide (coords from ``coords_dir``, or tiled on the fly).
+
+    ``claims``: the slides claimed from a queue shared by worker processes instead (``--devices``,
+    :mod:`slidemil.features.multi_device`); the caller has already left out the complete ones.
+    """
     out = Path(out_dir)
-    entries = select_shard(load_slides(slides, slide_mpp), shard)
-    if coords_dir is not None:
-        entries = [e for e in entries if _has_coords(Path(coords_dir), e.slide_id)] or entries
+    entries = select_slides(slides, slide_mpp, shard, coords_dir) if claims is None else []
     if coords_dir is not None:
         cfg = replace(cfg, tiling=load_tiling(coords_dir))
     module, card = prepare_backbone(cfg, out)
     save_config(cfg, out / "extract_config.json", slides=str(slides), coords=str(coords_dir), backbone_card=card.to_dict())
     copy_tiling_record(coords_dir, out, cfg.tiling)
     with ResultsTable(out / "extraction.csv", EXTRACT_COLUMNS) as table:
-        todo = pending(entries, table, lambda e: is_complete(features_path(out, e.slide_id), need_features=True),
-                       lambda e: [features_path(out, e.slide_id)])
+        if claims is not None:
+            _extract(claims, cfg, module, card, out, coords_dir, table)
+            return table
+        todo = pending_slides(entries, out, table)
         if not todo:
             log.info("all %d slides already have features in %s", len(entries), out)
         else:
@@ -100,16 +107,36 @@ def extract_features(slides: str | Path, out_dir: str | Path, cfg: ExtractConfig
     return table
 
 
-def _extract(todo: list[SlideEntry], cfg: ExtractConfig, module: nn.Module, card: BackboneCard, out: Path,
+def select_slides(slides: str | Path, slide_mpp: float | None, shard: str | None,
+                  coords_dir: str | Path | None) -> list[SlideEntry]:
+    """The slides of this shard (those with coords, where ``coords_dir`` has any)."""
+    entries = select_shard(load_slides(slides, slide_mpp), shard)
+    if coords_dir is not None:
+        entries = [e for e in entries if _has_coords(Path(coords_dir), e.slide_id)] or entries
+    return entries
+
+
+def pending_slides(entries: list[SlideEntry], out: Path, table: ResultsTable) -> list[SlideEntry]:
+    """The slides without a complete features file (temporaries of a killed run removed)."""
+    return pending(entries, table, lambda e: is_complete(features_path(out, e.slide_id), need_features=True),
+                   lambda e: [features_path(out, e.slide_id)])
+
+
+def _extract(todo: Iterable[SlideEntry], cfg: ExtractConfig, module: nn.Module, card: BackboneCard, out: Path,
              coords_dir: str | Path | None, table: ResultsTable) -> None:
     planner = plan_from_coords(Path(coords_dir)) if coords_dir is not None else None
     files = backbone_files(module, card, out / BACKBONE_DIR, cfg.tiling.tile.patch_size)
-    plan = plan_execution(files, cfg.backend, cfg.device, cfg.precision, torch_compile=cfg.torch_compile)
+    plan = plan_execution(files, cfg.backend, cfg.device, cfg.precision, torch_compile=cfg.torch_compile,
+                          batch_size=cfg.reading.batch_size, decode=cfg.reading.decode)
     log.info("extracting with %s", plan.describe())
-    with build_backbone_runner(files, plan) as runner, TilePipeline(cfg.reading, cfg.tiling, planner) as pipeline:
+    reading = replace(cfg.reading, batch_size=plan.batch_size)
+    with build_backbone_runner(files, plan) as runner, \
+            TilePipeline(reading, cfg.tiling, planner, decode_device=plan.decode_device) as pipeline:
         px = cfg.tiling.tile.patch_size  # warm up: compilation and allocation before the first slide's clock
-        runner.infer({"tiles": np.zeros((cfg.reading.batch_size, px, px, 3), np.uint8)})
+        runner.infer({"tiles": np.zeros((plan.batch_size, px, px, 3), np.uint8)})
         prepare_tile_sources(cfg.reading.tile_source)
+        if plan.decode_device is not None:
+            prepare_device_decode(plan.decode_device)
         extra = {"precision": plan.precision, "backend": runner.describe(),
                  "weights_sha256": card.weights_sha256}
         for stream in pipeline.run(todo):

@@ -1,1 +1,1 @@
-"""Models: tile backbones by name with their preprocessing card, and attention-MIL heads."""
+"""Models: tile backbones by name with their preprocessing card, and MIL heads (ABMIL, CLAM, DSMIL, TransMIL)."""

@@ -3,7 +3,8 @@
 ``backbone.onnx``: input ``tiles`` uint8 (B, H, W, 3) RGB -> output ``features`` float32 (B, D);
 cast, normalisation and the NHWC->NCHW permute are inside the graph. ``head.onnx``: input
 ``features`` float32 (N, D) -> ``logits`` (C), ``probabilities`` (C), ``attention`` (N),
-``attention_raw`` (N). Both have a dynamic leading axis. The dynamo exporter is tried first; the
+``attention_raw`` (N), and for heads with one attention map per class ``attention_per_class`` (C, N).
+Both graphs have a dynamic tile (batch) axis. The dynamo exporter is tried first; the
 TorchScript-based one is the fallback (or the choice, with ``exporter="legacy"``).
 """
 
@@ -18,13 +19,17 @@ from torch import nn
 
 from slidemil.atomic import atomic_path
 from slidemil.errors import ExportError
+from slidemil.models.mil import HEAD_OUTPUTS, BagHead
+
+__all__ = ["HEAD_INPUTS", "HEAD_OUTPUTS", "export_backbone", "export_graph", "export_head"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 TWO_GB = 2 * 1024**3
 BACKBONE_INPUTS, BACKBONE_OUTPUTS = ("tiles",), ("features",)
-HEAD_INPUTS, HEAD_OUTPUTS = ("features",), ("logits", "probabilities", "attention", "attention_raw")
+HEAD_INPUTS = ("features",)
+_TILE_AXIS = {"features": 0, "attention": 0, "attention_raw": 0, "attention_per_class": 1}  # legacy exporter
 
 
 def export_graph(module: nn.Module, example: torch.Tensor, path: str | Path, input_names: tuple[str, ...],
@@ -69,7 +74,7 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, input_names: t
             program.save(str(path), external_data=external)
         else:
             axes = {input_names[0]: {0: axis}}
-            axes.update({n: {0: axis} for n in output_names if n in ("features", "attention", "attention_raw")
+            axes.update({n: {_TILE_AXIS[n]: axis} for n in output_names if n in _TILE_AXIS
                          and axis in ("batch", "n_tiles") and not (n == "features" and axis == "n_tiles")})
             torch.onnx.export(module, (example,), str(path), dynamo=False, input_names=list(input_names),
                               output_names=list(output_names), opset_version=opset, dynamic_axes=axes)
@@ -90,8 +95,8 @@ def export_backbone(module: nn.Module, path: str | Path, input_size: int, opset:
     return export_graph(module, example, path, BACKBONE_INPUTS, BACKBONE_OUTPUTS, "batch", opset, exporter)
 
 
-def export_head(module: nn.Module, path: str | Path, feature_dim: int, opset: int = DEFAULT_OPSET,
+def export_head(module: BagHead, path: str | Path, feature_dim: int, opset: int = DEFAULT_OPSET,
                 exporter: str = "auto") -> Path:
-    """Export a ``BagHead`` as ``head.onnx`` (dynamic number of tiles)."""
+    """Export a ``BagHead`` as ``head.onnx`` (dynamic number of tiles; its outputs: ``module.output_names``)."""
     example = torch.randn(7, feature_dim)
-    return export_graph(module, example, path, HEAD_INPUTS, HEAD_OUTPUTS, "n_tiles", opset, exporter)
+    return export_graph(module, example, path, HEAD_INPUTS, module.output_names, "n_tiles", opset, exporter)

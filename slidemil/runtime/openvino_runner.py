@@ -17,7 +17,7 @@ import numpy as np
 
 from slidemil.atomic import file_lock
 from slidemil.errors import BackendUnavailableError, ConfigError
-from slidemil.runtime.runners import Feed, Key, Runner, TensorMeta, cpu_threads, register_runner
+from slidemil.runtime.runners import Feed, Key, Runner, TensorMeta, cpu_threads, host_feed, register_runner
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,8 @@ class OpenVinoRunner(Runner):
         idle = deque(self._requests)
         in_flight: deque[tuple[Key, Any, Feed]] = deque()  # the feed stays referenced: inputs are shared
         try:
-            for key, feed in feeds:
+            for key, given in feeds:
+                feed = host_feed(given)
                 if not idle:
                     yield self._finish(in_flight.popleft(), idle)
                 request = idle.popleft()

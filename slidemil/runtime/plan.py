@@ -2,7 +2,10 @@
 
 ``plan_execution`` resolves every ``auto`` once, from what the model offers (:class:`ModelFiles`: the
 graphs, engines, int8 IR and torch weights of a package, or a bare backbone for feature extraction)
-and what this machine has; ``build_runners`` then builds the runners of that plan. ``score``,
+and what this machine has: backend, precision, compilation and CUDA graphs, the batch size (on a GPU
+from its free memory and the model's memory per tile) and whether tiles are decoded on the device
+(``decode_on_device``: the tile pipeline then decodes JPEG tiles where the model runs, and the
+runner takes them there); ``build_runners`` then builds the runners of that plan. ``score``,
 ``extract``, ``verify``, ``quantize`` and the benchmarks all go through these two, so a parity check
 measures exactly the combination that scoring runs: the backbone on the planned backend, and the
 head on ONNX Runtime fp32 on the CPU (exact, and the accelerator moves on to the next slide), or in
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from slidemil.choices import Backend, CompileMode, Precision
+from slidemil.choices import Backend, CompileMode, DecodeMode, Precision
 from slidemil.errors import ConfigError, PackageError
 from slidemil.models.onnx import HEAD_OUTPUTS
 from slidemil.runtime.runners import (
@@ -124,12 +127,23 @@ class ExecutionPlan:
     device: str
     precision: str
     threads: int | None = None
-    compile: bool = False  # torch.compile the torch backbone
+    compile: bool = False  # torch.compile the torch backbone (on a GPU: reduce-overhead, with CUDA graphs)
     head: str = "onnxruntime"  # where the head runs: "onnxruntime" (CPU, fp32) or "torch" (the plan's device, fp32)
+    cuda_graphs: bool = False  # torch on a GPU: the eager backbone captured once as a CUDA graph
+    batch_size: int = 32  # tiles per batch (the torch runner halves it on out-of-memory)
+    decode_on_device: bool = False  # JPEG tiles decoded on the plan's device, handed to the runner there
 
     def describe(self) -> str:
         compiled = ", compiled" if self.compile else ""
-        return f"{self.backend} on {self.device} at {self.precision}{compiled}; head on {self.head}"
+        graphs = ", CUDA graphs" if self.cuda_graphs else ""
+        decode = ", tiles decoded on the device" if self.decode_on_device else ""
+        return (f"{self.backend} on {self.device} at {self.precision}{compiled}{graphs}, batch {self.batch_size}"
+                f"{decode}; head on {self.head}")
+
+    @property
+    def decode_device(self) -> str | None:
+        """Where the tile pipeline decodes (``TilePipeline(decode_device=...)``), or None: in its reader threads."""
+        return self.device if self.decode_on_device else None
 
 
 # Preference of precision "auto" per backend, first offered wins.
@@ -142,7 +156,18 @@ def _auto_precisions(backend: str, device: str) -> tuple[str, ...]:
         return ("fp16", "fp32")
     if backend == "onnxruntime":
         return ("fp16", "fp32") if cuda else ("fp32",)
-    return ("fp16",) if cuda else ("fp32",)  # torch: fp16 autocast on a GPU, exact fp32 on the CPU
+    if cuda:  # torch: bf16 autocast where the GPU has it (Ampere and later: no fp16 overflow), else fp16
+        return ("bf16", "fp16") if cuda_bf16(device) else ("fp16",)
+    return ("fp32",)  # torch on the CPU: exact fp32
+
+
+def cuda_bf16(device: str) -> bool:
+    """Whether the CUDA device runs bf16 natively (compute capability 8.0 or later); False without one."""
+    import torch
+    if not torch.cuda.is_available():
+        return False
+    index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def resolve_precision(files: ModelFiles, backend: str, device: str, requested: str = "auto") -> str:
@@ -150,7 +175,8 @@ def resolve_precision(files: ModelFiles, backend: str, device: str, requested: s
 
     TensorRT fp16 engines where built; ONNX Runtime fp16 graphs on a GPU where exported, else fp32;
     OpenVINO the int8 backbone where ``slidemil quantize`` made one, else bf16 where the CPU has it,
-    else fp32; torch fp16 autocast on a GPU, fp32 on the CPU.
+    else fp32; torch bf16 autocast on a GPU that has bf16 (compute capability 8.0+), else fp16; fp32 on
+    the CPU.
 
     Raises:
         PackageError: the model has no files for ``requested`` (naming how to make them).
@@ -173,7 +199,8 @@ def resolve_precision(files: ModelFiles, backend: str, device: str, requested: s
 
 def resolve_compile(mode: str, device: str, backend: str, precision: str) -> bool:
     """torch.compile or not: ``on``/``off``, or ``auto`` where it pays: bf16 on the CPU with a C++ compiler
-    (measured on a 2-core AVX-512 CPU: about 2x eager there; fp32 gains little)."""
+    (measured on a 2-core AVX-512 CPU: about 2x eager there; fp32 gains little). On a GPU ``auto`` takes
+    CUDA graphs of the eager module instead (:func:`resolve_cuda_graphs`): no compile time at start-up."""
     if mode not in ("auto", "on", "off"):
         raise ConfigError(f"unknown compile mode {mode!r}; use auto, on or off")
     if backend != "torch" or mode == "off":
@@ -181,15 +208,101 @@ def resolve_compile(mode: str, device: str, backend: str, precision: str) -> boo
     return mode == "on" or (not device.startswith("cuda") and precision == "bf16" and has_cxx_compiler())
 
 
+def resolve_cuda_graphs(mode: str, device: str, backend: str) -> bool:
+    """CUDA graphs of the eager torch backbone: with ``--torch-compile auto`` on a GPU (``on`` compiles in
+    ``reduce-overhead`` mode, which captures graphs of its own; ``off`` runs eagerly)."""
+    return backend == "torch" and device.startswith("cuda") and mode == "auto"
+
+
+GPU_BATCH_MAX = 512  # tiles per batch on a GPU at most: larger batches gain nothing measurable
+GPU_BATCH_MIN = 16
+GPU_BATCH_DEFAULT = 256  # planned without a GPU to measure
+GPU_MEMORY_SHARE = 0.5  # of the free memory, for the activations of one batch in flight and one decoded ahead
+TILE_BYTES_PER_PIXEL = 96  # activation estimate when the model cannot be measured (about resnet50's in bf16)
+
+
+def gpu_batch_size(free_bytes: int, tile_bytes: int, largest: int = GPU_BATCH_MAX, smallest: int = GPU_BATCH_MIN) -> int:
+    """The largest power of two in [smallest, largest] whose batch needs at most ``GPU_MEMORY_SHARE`` of the
+    free memory, at ``tile_bytes`` per tile (activations and the uint8 tile)."""
+    batch = largest
+    while batch > smallest and batch * tile_bytes > GPU_MEMORY_SHARE * free_bytes:
+        batch //= 2
+    return max(smallest, batch)
+
+
+def measure_tile_bytes(module: Any, tile_px: int, device: str, precision: str, probe: int = 8) -> int:
+    """Peak GPU memory per tile of ``module`` (uint8 NHWC tiles in) in one eager forward of ``probe`` tiles."""
+    import torch
+    dev = torch.device(device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    module = module.eval().to(dev)
+    tiles = torch.zeros((probe, tile_px, tile_px, 3), dtype=torch.uint8, device=dev)
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        module(tiles)
+    torch.cuda.synchronize(dev)
+    return max(1, (torch.cuda.max_memory_allocated(dev) - base) // probe)
+
+
+def resolve_batch_size(files: ModelFiles, backend: str, device: str, precision: str, requested: int | None) -> int:
+    """``requested``, or 32 on a CPU, or on a GPU from its free memory (:func:`gpu_batch_size`), the memory per
+    tile measured on the torch module (estimated from the tile size for other backends)."""
+    if requested:
+        return requested
+    if not device.startswith("cuda"):
+        return 32
+    import torch
+    if not torch.cuda.is_available():  # planned for a GPU this machine lacks: building the runner says so
+        return GPU_BATCH_DEFAULT
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    tile_bytes = TILE_BYTES_PER_PIXEL * files.tile_px ** 2
+    if backend == "torch":
+        try:
+            tile_bytes = measure_tile_bytes(files.torch_modules()[0], files.tile_px, device, precision)
+        except torch.OutOfMemoryError:
+            return GPU_BATCH_MIN
+    batch = gpu_batch_size(free, tile_bytes)
+    log.info("batch size %d: %.0f MiB free on %s, %.1f MiB per tile", batch, free / 2**20, device, tile_bytes / 2**20)
+    return batch
+
+
+DEVICE_INPUT_BACKENDS = ("torch", "tensorrt", "onnxruntime")  # runners that take tiles already on a GPU
+
+
+def resolve_decode(mode: str, device: str, backend: str) -> bool:
+    """Whether tiles are decoded on the plan's device: ``auto`` on a GPU whose runner takes device tensors,
+    ``device`` wherever the runner does (on a CPU device the same stages run on the CPU), ``cpu`` never."""
+    if mode not in ("auto", "cpu", "device"):
+        raise ConfigError(f"unknown decode mode {mode!r}; use auto, cpu or device")
+    if mode == "cpu" or backend not in DEVICE_INPUT_BACKENDS:
+        return False
+    return mode == "device" or device.startswith("cuda")
+
+
 def plan_execution(files: ModelFiles, backend: Backend = "auto", device: str = "auto", precision: Precision = "auto",
-                   threads: int | None = None, torch_compile: CompileMode = "auto") -> ExecutionPlan:
-    """Resolve backend (the fastest one present here that the model has files for), device, precision
-    and compilation once; see :func:`resolve_precision`."""
+                   threads: int | None = None, torch_compile: CompileMode = "auto", batch_size: int | None = None,
+                   decode: DecodeMode = "auto") -> ExecutionPlan:
+    """Resolve backend (the fastest one present here that the model has files for), device, precision,
+    compilation and CUDA graphs, the batch size and where tiles are decoded, once; see
+    :func:`resolve_precision`, :func:`resolve_batch_size` and :func:`resolve_decode`."""
     device = resolve_device(device)
     name = choose_backend(backend, device, usable=lambda b: _worth_it(files, b, device))
     resolved = resolve_precision(files, name, device, precision)
     return ExecutionPlan(name, device, resolved, threads, resolve_compile(torch_compile, device, name, resolved),
-                         "torch" if name == "torch" else "onnxruntime")
+                         "torch" if name == "torch" else "onnxruntime",
+                         cuda_graphs=resolve_cuda_graphs(torch_compile, device, name),
+                         batch_size=resolve_batch_size(files, name, device, resolved, batch_size),
+                         decode_on_device=resolve_decode(decode, device, name))
+
+
+def pipeline_settings(plans: list[ExecutionPlan]) -> tuple[int, str | None]:
+    """Tiles per batch and decode device for the tile pipeline feeding the backbones of ``plans`` (an
+    ensemble's members see the same batches): the smallest batch; the device only when every member
+    decodes on the same one."""
+    devices = {p.decode_device for p in plans}
+    return min(p.batch_size for p in plans), devices.pop() if len(devices) == 1 else None
 
 
 def _worth_it(files: ModelFiles, backend: str, device: str) -> bool:
@@ -224,15 +337,17 @@ def tile_meta(tile_px: int) -> TensorMeta:
 
 
 def runner_for(files: ModelFiles, kind: str, backend: str, precision: str, device: str = "cpu",
-               threads: int | None = None, compile: bool = False) -> Runner:
+               threads: int | None = None, compile: bool = False, cuda_graphs: bool = False,
+               max_batch: int | None = None) -> Runner:
     """A runner of one of the model's files: ``kind`` ``backbone`` or ``head`` on ``backend`` at ``precision``."""
     if backend == "torch":
         backbone, head = files.torch_modules()
         if kind == "backbone":
             return TorchRunner(backbone, {"tiles": tile_meta(files.tile_px)}, ["features"], device=device,
-                               precision=precision, compile=compile)
-        return TorchRunner(head, {"features": TensorMeta("float32", (None, files.feature_dim))}, HEAD_OUTPUTS,
-                           device=device, precision=precision, channels_last=False)
+                               precision=precision, compile=compile, cuda_graphs=cuda_graphs, max_batch=max_batch)
+        return TorchRunner(head, {"features": TensorMeta("float32", (None, files.feature_dim))},
+                           getattr(head, "output_names", HEAD_OUTPUTS), device=device, precision=precision,
+                           channels_last=False, rowwise=False)
     if backend == "onnxruntime":
         return OnnxRuntimeRunner(files.graph(kind, precision), device=device, threads=threads)
     if backend == "openvino":
@@ -253,7 +368,8 @@ def runner_for(files: ModelFiles, kind: str, backend: str, precision: str, devic
 
 def build_backbone_runner(files: ModelFiles, plan: ExecutionPlan) -> Runner:
     """The backbone runner of ``plan`` (not yet active: use it as a context manager)."""
-    return runner_for(files, "backbone", plan.backend, plan.precision, plan.device, plan.threads, plan.compile)
+    return runner_for(files, "backbone", plan.backend, plan.precision, plan.device, plan.threads, plan.compile,
+                      plan.cuda_graphs, plan.batch_size if plan.device.startswith("cuda") else None)
 
 
 def build_runners(files: ModelFiles, plan: ExecutionPlan) -> RunnerPair:

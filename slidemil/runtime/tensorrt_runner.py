@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from slidemil.errors import BackendUnavailableError, ConfigError, PackageError
-from slidemil.runtime.runners import Runner, TensorMeta, register_runner
+from slidemil.runtime.runners import Runner, TensorMeta, is_tensor, register_runner
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,12 @@ class TensorRTRunner(Runner):
         device: "cuda" or "cuda:N".
 
     A backbone batch larger than the profile's maximum is run in chunks; a head bag larger than
-    the maximum is an error (rebuild the engine with a larger ``--max-bag``).
+    the maximum is an error (rebuild the engine with a larger ``--max-bag``). Inputs are numpy arrays
+    (staged through pinned buffers) or torch tensors already on the GPU (copied device to device into
+    the engine's input buffer on the runner's stream: tiles the device pipeline decoded there).
     """
+
+    device_inputs = True
 
     def __init__(self, plan_path: str | Path, device: str = "cuda") -> None:
         self.plan_path, self.device_name = Path(plan_path), device if str(device).startswith("cuda") else "cuda"
@@ -83,13 +87,13 @@ class TensorRTRunner(Runner):
         self._torch = torch
         self.device = torch.device(self.device_name)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        with torch.cuda.device(self.device):
+        with self._on_device():
             self.engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
             if self.engine is None:
                 raise PackageError(f"TensorRT cannot load {self.plan_path}: built for another GPU or TensorRT "
                                    f"version; rebuild with: slidemil build-engine {self.plan_path.parent}")
             self.context = self.engine.create_execution_context()
-            self.stream = torch.cuda.Stream(device=self.device)
+            self.stream = self._new_stream()
             names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
             self.input_names = tuple(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
             self.output_names = tuple(n for n in names if n not in self.input_names)
@@ -105,12 +109,22 @@ class TensorRTRunner(Runner):
                 shape = tuple(self.context.get_tensor_shape(name))
                 dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
                 self._device_buf[name] = torch.empty(math.prod(shape), dtype=dtype, device=self.device)
-                self._host_buf[name] = torch.empty(math.prod(shape), dtype=dtype, pin_memory=True)
+                self._host_buf[name] = torch.empty(math.prod(shape), dtype=dtype, pin_memory=self.device.type == "cuda")
                 self.context.set_tensor_address(name, self._device_buf[name].data_ptr())
         # The engine is batch-wise when every output's first axis follows the input's (backbone).
         self._batchwise = len(self.input_names) == 1 and all(
             tuple(self.context.get_tensor_shape(n))[:1] == self.max_shapes[self.input_names[0]][:1]
             for n in self.output_names)
+
+    # -- where buffers and streams live: the GPU (a CPU stand-in replaces these in tests) ------------------
+    def _on_device(self) -> Any:
+        return self._torch.cuda.device(self.device)
+
+    def _new_stream(self) -> Any:
+        return self._torch.cuda.Stream(device=self.device)
+
+    def _on_stream(self) -> Any:
+        return self._torch.cuda.stream(self.stream)
 
     @classmethod
     def available(cls, device: str) -> bool:
@@ -129,7 +143,7 @@ class TensorRTRunner(Runner):
                               (int(self.min_shapes[n][0]), None if self._batchwise else int(self.max_shapes[n][0])))
                 for n in self.input_names}
 
-    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer(self, feed: dict[str, Any]) -> dict[str, np.ndarray]:
         name = self.input_names[0]
         limit, n = self.max_shapes[name][0], len(feed[name])
         if n <= limit:
@@ -140,16 +154,25 @@ class TensorRTRunner(Runner):
         parts = [self._run({name: feed[name][i:i + limit]}) for i in range(0, n, limit)]
         return {k: np.concatenate([p[k] for p in parts]) for k in self.output_names}
 
-    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feed: dict[str, Any]) -> dict[str, np.ndarray]:
         torch = self._torch
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+        with self._on_device(), self._on_stream():
             for name in self.input_names:
-                array = np.ascontiguousarray(feed[name])
-                host = self._host_buf[name][:array.size]
-                host.copy_(torch.from_numpy(array).reshape(-1))
-                self._device_buf[name][:array.size].copy_(host, non_blocking=True)
-                if not self.context.set_input_shape(name, array.shape):
-                    raise ConfigError(f"{self.plan_path.name}: input {name!r} of shape {array.shape} is outside "
+                value = feed[name]
+                if is_tensor(value) and value.device.type == self.device.type:  # on the GPU: device to device
+                    size = value.numel()
+                    self._device_buf[name][:size].copy_(value.reshape(-1), non_blocking=True)
+                else:
+                    if is_tensor(value):
+                        value = value.numpy()
+                    array = np.ascontiguousarray(value)
+                    size = array.size
+                    host = self._host_buf[name][:size]
+                    host.copy_(torch.from_numpy(array).reshape(-1))
+                    self._device_buf[name][:size].copy_(host, non_blocking=True)
+                shape = tuple(value.shape)
+                if not self.context.set_input_shape(name, shape):
+                    raise ConfigError(f"{self.plan_path.name}: input {name!r} of shape {shape} is outside "
                                       f"the engine's profile (max {self.max_shapes[name]})")
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError(f"TensorRT execution of {self.plan_path.name} failed")

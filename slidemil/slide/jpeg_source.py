@@ -24,9 +24,10 @@ import functools
 import logging
 import math
 import re
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -36,6 +37,9 @@ from slidemil.errors import SlidemilError, SlideOpenError, SlideReadError
 from slidemil.slide.jpeg_tiff import JpegLevel, TileFile, grey_end, open_jpeg_levels, scan_flaw, scan_leftover
 from slidemil.slide.sources import TileSource, register_source
 from slidemil.slide.tile_cache import Claim, LruTiles, acquire_file_cache, release_file_cache
+
+if TYPE_CHECKING:
+    from slidemil.slide.jpeg_device import EncodedTiles
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ class JpegTileSource(TileSource):
     """
 
     def __init__(self, path: str | Path, mpp: float | None = None, cache_tiles: int | None = None) -> None:
-        self.path = Path(path)
+        self.path, self._mpp = Path(path), mpp
         self._reader, self._levels = open_jpeg_levels(self.path, mpp)
         if not any(self._levels):
             self._reader.close()
@@ -132,6 +136,35 @@ class JpegTileSource(TileSource):
                 region = cv2.resize(region, (out_px, out_px), interpolation=cv2.INTER_AREA)
             out[i] = region
         return out
+
+    # -- compressed (the device pipeline's reader side) -------------------------------------
+    def fetch(self, coords: np.ndarray, size_level0: int, out_px: int,
+              cpu_levels: Container[int] = ()) -> EncodedTiles | None:
+        """The compressed file tiles a batch needs, for decoding elsewhere (``jpeg_device.decode_tiles``).
+
+        Only file I/O and the byte screen of each stream (``scan_flaw``; a flagged tile is judged here,
+        as ``read`` does) happen on this thread; nothing is decoded. None where the batch's level is not
+        JPEG-tiled or is in ``cpu_levels`` (nvJPEG's colours failed there): read it with ``read``.
+        """
+        from slidemil.slide.jpeg_device import EncodedTiles
+
+        coords = _check_coords(coords)
+        plan = self._plan(coords, size_level0, out_px)
+        level = self._levels[plan.level]
+        if level is None or plan.level in cpu_levels:
+            return None
+        side = plan.size + plan.ext
+        indices = [i for i in level.tiles_under(plan.ix.tolist(), plan.iy.tolist(), side) if level.counts[i]]
+        data = [level.stream(self._file.read(int(level.offsets[i]), int(level.counts[i]))) for i in indices]
+        for index, stream in zip(indices, data):
+            flaw = scan_flaw(stream)
+            if flaw is not None:
+                self._confirm(plan.level, level, index, stream, flaw)
+        return EncodedTiles(
+            path=self.path, mpp=self._mpp, level_index=plan.level, level=level, size=plan.size, ix=plan.ix,
+            iy=plan.iy, wx=plan.wx, wy=plan.wy, out_px=out_px, size_level0=size_level0, coords=coords,
+            indices=np.asarray(indices, dtype=np.int64),
+            streams=[torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data])
 
     # -- device ------------------------------------------------------------------------------
     def read_device(self, coords: np.ndarray, size_level0: int, out_px: int,

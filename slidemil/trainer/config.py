@@ -68,9 +68,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The attention-MIL head (see :class:`slidemil.models.mil.HeadConfig`).
+    """The MIL head (see :class:`slidemil.models.mil.HeadConfig` and ``list_heads()``).
 
     Attributes:
+        mil: the head: ``gated`` or ``simple`` (ABMIL), ``clam_sb``, ``clam_mb``, ``dsmil``, ``transmil``.
+        hidden_dim: width of the instance projection (TransMIL: its token width).
+        attention_dim: width of the attention network (DSMIL: of its query).
+        dropout: dropout after the projection.
+        n_heads, landmarks, pinv_iterations: TransMIL's attention heads, Nyström landmarks and
+            pseudo-inverse iterations.
         standardize: standardise each feature with its training-set mean and std (features mode;
             folded into the head's first layer in every checkpoint, so the saved head takes raw
             features).
@@ -80,6 +86,9 @@ class ModelConfig:
     hidden_dim: int = 256
     attention_dim: int = 128
     dropout: float = 0.25
+    n_heads: int = 8
+    landmarks: int = 128
+    pinv_iterations: int = 6
     standardize: bool = True
 
 
@@ -156,19 +165,16 @@ class LossConfig:
         class_weights: weight classes by inverse frequency in the training split.
         weighted_sampling: draw training bags so that each class is drawn equally often.
         label_smoothing: target smoothing in [0, 1).
-        instance_weight: weight of the max-instance term added to the bag loss (0 disables it; see
-            :func:`slidemil.trainer.losses.max_instance_loss`): each class's logit of a bag's
-            ``instance_k`` highest-scoring tiles must give the bag's label too. It gives the few
-            tiles of a small lesion their full gradient from the first step, where the bag loss
-            dilutes it over the whole bag until the attention has found them; without it, the head
-            may fit a small training cohort by other differences between its slides first
-            (training loss near 0, validation AUC near chance, attention off the lesion). Use 0.5
-            for lesions of a few tiles: on synthetic cohorts with one subtle lesion on 0.8 % of
-            the tissue (2-4 of about 330 tiles, random-weight resnet18 features, 64 slides, 5-fold
-            CV, 5 seeds) it raised the test AUC of the folds from 0.96 +- 0.14 (worst 0.33) to
-            0.99 +- 0.02 (worst 0.92) and the attention AUC of lesion tiles from 0.95 +- 0.19 to
-            0.99 +- 0.04; cohorts with larger lesions stay at 1.0 (tests/test_learning_target.py).
-        instance_k: tiles per bag whose per-class mean logit the max-instance term scores.
+        instance_weight: weight of the head's own instance-level term added to the bag loss
+            (:meth:`slidemil.models.mil.MILHead.auxiliary_loss`); None: the head's default; 0 turns it
+            off. ABMIL (``gated``, ``simple``): the max-instance term (each class's logit of a bag's
+            ``instance_k`` highest-scoring tiles must give the bag's label too), default 0.5: it gives
+            the few tiles of a small lesion their full gradient from the first step, where the bag
+            loss dilutes it over the whole bag until the attention has found them (README, "Small
+            lesions"). CLAM: the instance clustering loss, default 0.3 / 0.7 (CLAM's bag weight 0.7).
+            DSMIL: the instance stream's max-instance loss, default 1 (the paper's equal weights).
+            TransMIL has none.
+        instance_k: tiles per bag the term looks at; None: the head's default (1; CLAM: 8).
     """
 
     name: LossName = "ce"
@@ -176,11 +182,12 @@ class LossConfig:
     class_weights: bool = False
     weighted_sampling: bool = False
     label_smoothing: float = 0.0
-    instance_weight: float = 0.0
-    instance_k: int = 1
+    instance_weight: float | None = None
+    instance_k: int | None = None
 
     def __post_init__(self) -> None:
-        if self.instance_weight < 0 or self.instance_k < 1:
+        if (self.instance_weight is not None and self.instance_weight < 0) or (
+                self.instance_k is not None and self.instance_k < 1):
             raise ConfigError(f"need instance_weight >= 0 and instance_k >= 1, got {self.instance_weight}, "
                               f"{self.instance_k}")
 

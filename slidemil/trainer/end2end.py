@@ -29,7 +29,7 @@ from slidemil import config as _config
 from slidemil.artifacts.tiling_record import load_tiling
 from slidemil.errors import ConfigError
 from slidemil.models.backbones import BackboneCard, backbone_spec, create_backbone, timm_core
-from slidemil.models.mil import AttentionMIL, MILOutput
+from slidemil.models.mil import MILHead, MILOutput
 from slidemil.models.preprocess import UInt8Backbone
 from slidemil.models.weights import tensors_sha256
 from slidemil.trainer.augment import augment_bags
@@ -56,7 +56,7 @@ class End2EndMIL(MILModel):
     Args:
         backbone: features-only model, normalised float (B, 3, H, W) -> (B, D).
         card: its preprocessing card (mean, std; the sha256 of the weights it started from).
-        head: the attention-MIL head.
+        head: the MIL head.
         augment: training-time tile augmentation.
         seed: seed of the augmentation draws (with the epoch and the slide).
         chunk: tiles per backbone forward where no gradient flows into the backbone.
@@ -64,7 +64,7 @@ class End2EndMIL(MILModel):
             :class:`~slidemil.trainer.config.BackboneConfig`); ``train`` only those of frozen parts.
     """
 
-    def __init__(self, backbone: nn.Module, card: BackboneCard, head: AttentionMIL, augment: AugmentConfig,
+    def __init__(self, backbone: nn.Module, card: BackboneCard, head: MILHead, augment: AugmentConfig,
                  seed: int = 0, chunk: int = 256, batchnorm: str = "frozen") -> None:
         super().__init__()
         self.encoder = UInt8Backbone(backbone, card)

@@ -12,7 +12,7 @@ import torch
 from slidemil import config as _config
 from slidemil.artifacts.features_folder import resolve_features_folder
 from slidemil.errors import ConfigError
-from slidemil.models.mil import AttentionMIL, MILOutput
+from slidemil.models.mil import MILHead, MILOutput
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.data import (
     BagBatch,
@@ -31,17 +31,17 @@ log = logging.getLogger(__name__)
 
 
 class FeatureMIL(MILModel):
-    """The features-mode model: per-dimension standardised features into the attention-MIL head.
+    """The features-mode model: per-dimension standardised features into the MIL head.
 
     The standardisation (training-set mean and std of each feature) is an affine map before the
-    head's first linear layer, so :meth:`checkpoint_state` folds it into that layer: the saved head
+    head's first linear layer (``head.input_layer``), so :meth:`checkpoint_state` folds it into that layer: the saved head
     takes raw features, as the engine gives them.
     """
 
     feature_mean: torch.Tensor  # buffers, (D,): training-set mean and 1 / std of each feature
     feature_scale: torch.Tensor
 
-    def __init__(self, head: AttentionMIL, standardize: bool = True) -> None:
+    def __init__(self, head: MILHead, standardize: bool = True) -> None:
         super().__init__()
         self.head = head
         self.standardize = standardize
@@ -72,9 +72,10 @@ class FeatureMIL(MILModel):
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
-        w = state["projection.0.weight"].double() * self.feature_scale.double().cpu()[None, :]
-        b = state["projection.0.bias"].double() - w @ self.feature_mean.double().cpu()
-        state["projection.0.weight"], state["projection.0.bias"] = w.float(), b.float()
+        layer = self.head.input_layer  # the one Linear that sees raw features
+        w = state[f"{layer}.weight"].double() * self.feature_scale.double().cpu()[None, :]
+        b = state[f"{layer}.bias"].double() - w @ self.feature_mean.double().cpu()
+        state[f"{layer}.weight"], state[f"{layer}.bias"] = w.float(), b.float()
         return {f"head.{k}": v for k, v in state.items()}
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:

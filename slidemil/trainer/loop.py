@@ -31,6 +31,7 @@ from slidemil.atomic import atomic_path, write_json
 from slidemil.config import config_changes, save_config
 from slidemil.errors import ConfigError
 from slidemil.evaluation.metrics import compute_metrics, flat_metrics, is_better
+from slidemil.evaluation.operating_point import balanced_accuracy_at, predict_index
 from slidemil.processes import worker_context
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.data import BagDataset, EpochSampler, collate_bags
@@ -46,7 +47,6 @@ from slidemil.trainer.logs import RunLog
 from slidemil.trainer.losses import (
     inverse_frequency_weights,
     make_loss,
-    max_instance_loss,
     sample_weights_for_balancing,
 )
 from slidemil.trainer.rng import rng_state, set_rng_state
@@ -119,6 +119,7 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.runlog: RunLog | None = None
         self.calibration: dict[str, Any] | None = None
+        self.operating_point: dict[str, Any] | None = None  # chosen on the validation slides after training
 
     # --- setup ---------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> None:
@@ -131,8 +132,12 @@ class Trainer:
         self.class_weights = self._class_weights(train)
         self.loss_fn = make_loss(cfg.loss.name, self.class_weights, cfg.loss.focal_gamma,
                                  cfg.loss.label_smoothing).to(ctx.device)
-        if cfg.loss.instance_weight > 0:
-            self.model.watch_instances()
+        head = self.model.mil_head()
+        self.instance_weight = (head.default_instance_weight if cfg.loss.instance_weight is None
+                                else cfg.loss.instance_weight)
+        self.instance_k = cfg.loss.instance_k  # None: the head's default
+        if self.instance_weight > 0:
+            self.model.enable_auxiliary_loss()
         weights = sample_weights_for_balancing(train.labels) if cfg.loss.weighted_sampling else None
         self.sampler = EpochSampler(len(train), cfg.seed, weights, ctx.rank, ctx.world_size)
         self._preload()
@@ -289,13 +294,14 @@ class Trainer:
         return float(loss.detach())
 
     def training_loss(self, logits: torch.Tensor, batch: Any) -> torch.Tensor:
-        """The bag loss, plus the weighted max-instance term when ``loss.instance_weight`` > 0."""
+        """The bag loss, plus the head's auxiliary term (max-instance, CLAM's clustering...) weighted by
+        ``loss.instance_weight`` (the head's default when unset) where the head has one."""
         loss = self.loss_fn(logits, batch.labels)
-        weight = self.cfg.loss.instance_weight
-        if weight > 0:
+        if self.instance_weight > 0:
             weights = None if self.class_weights is None else self.class_weights.to(logits.device)
-            loss = loss + weight * max_instance_loss(self.model.instance_logits().float(), batch.mask, batch.labels,
-                                                     self.cfg.loss.instance_k, weights)
+            aux = self.model.auxiliary_loss(batch.labels, self.instance_k, weights)
+            if aux is not None:
+                loss = loss + self.instance_weight * aux.float()
         return loss
 
     def _update_progress(self, epoch: int, val: dict[str, Any] | None) -> bool:
@@ -402,6 +408,8 @@ class Trainer:
                 log.warning("no test slides: no test_metrics.json")
             else:
                 extra = {"temperature": self.calibration["temperature"]} if self.calibration else {}
+                if self.operating_point is not None and test_pred is not None:
+                    extra.update(self._operating_figures(test_pred))
                 write_json(self.out / "test_metrics.json", {**test, "best_epoch": best, **extra})
                 _write_csv(test_pred, self.out / "test_predictions.csv")
                 assert self.runlog is not None
@@ -409,6 +417,17 @@ class Trainer:
                 log.info("test (best epoch %d): %s", best, ", ".join(
                     f"{k} {_fmt(test.get(k))}" for k in ("auc", "balanced_accuracy", "accuracy", "loss")))
         return RunResult(self.out, best, val or {}, test or {})
+
+    def _operating_figures(self, frame: pd.DataFrame) -> dict[str, Any]:
+        """Test figures at the operating point; adds ``pred_at_threshold`` to ``frame``."""
+        op = self.operating_point
+        assert op is not None
+        probs = frame[[f"prob_{c}" for c in self.class_names]].to_numpy(np.float64)
+        frame["pred_at_threshold"] = predict_index(probs, op)
+        ba = balanced_accuracy_at(probs[:, op["class_index"]], frame["label"].to_numpy() == op["class_index"],
+                                  op["threshold"]) if frame["label"].nunique() > 1 else float("nan")
+        return {"threshold": op["threshold"], "balanced_accuracy_at_threshold": ba,
+                "operating_point": {**op, "test_balanced_accuracy": ba}}
 
     def cleanup(self) -> None:
         """Stop worker processes and close the run's logs."""

@@ -1,4 +1,8 @@
-"""Slide-level classification losses, created by name, and class-balancing weights."""
+"""Slide-level classification losses, created by name, and class-balancing weights.
+
+The heads' own instance-level terms (max-instance, CLAM's clustering) live with the heads
+(:meth:`slidemil.models.mil.MILHead.auxiliary_loss`); ``max_instance_loss`` is re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from slidemil.errors import ConfigError, LabelTableError
+from slidemil.models.mil import max_instance_loss
+
+__all__ = ["LOSSES", "FocalLoss", "inverse_frequency_weights", "make_loss", "max_instance_loss", "register_loss",
+           "sample_weights_for_balancing"]
 
 LossFactory = Callable[[torch.Tensor | None, float, float], nn.Module]
 LOSSES: dict[str, LossFactory] = {}
@@ -121,35 +129,6 @@ class FocalLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
-
-
-def max_instance_loss(
-    instance_logits: torch.Tensor,
-    mask: torch.Tensor,
-    labels: torch.Tensor,
-    k: int = 1,
-    class_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Max-pooling multiple-instance loss on per-tile logits (the mi-Net rule of MIL).
-
-    For each bag and class, the mean logit of the bag's ``k`` tiles that score highest for that
-    class stands for the bag; cross-entropy of these (B, C) pooled logits against the bag labels.
-    A negative bag thus pushes its most tumour-like tiles down, and a positive bag its most
-    tumour-like tiles up, with the full gradient on those few tiles, where the attention-weighted
-    bag logit spreads it over the whole bag at first. ``k`` is capped at the smallest bag.
-
-    Args:
-        instance_logits: float (B, N, C).
-        mask: bool (B, N), True for real tiles.
-        labels: int64 (B,).
-        k: tiles pooled per class.
-        class_weights: optional (C,) weights, as in the bag loss.
-    """
-    assert instance_logits.ndim == 3 and mask.shape == instance_logits.shape[:2], (instance_logits.shape, mask.shape)
-    k = max(1, min(k, int(mask.sum(dim=1).min())))
-    scores = instance_logits.masked_fill(~mask.unsqueeze(-1), float("-inf"))
-    pooled = scores.topk(k, dim=1).values.mean(dim=1)  # (B, C)
-    return F.cross_entropy(pooled, labels, weight=class_weights)
 
 
 @register_loss("ce")

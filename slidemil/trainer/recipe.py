@@ -1,4 +1,5 @@
-"""The recipe of one training run on one split: build the task, set up, train, calibrate, test, clean up.
+"""The recipe of one training run on one split: build the task, set up, train, calibrate, choose the
+operating point, test, clean up.
 
 :func:`train_one` is what ``run_training`` does for a single split and what cross-validation does
 for each fold.
@@ -17,6 +18,7 @@ from slidemil.trainer.calibrate import calibrate_best
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.distributed import DistContext
 from slidemil.trainer.loop import Callback, RunResult, Trainer
+from slidemil.trainer.operating import choose_for_best
 from slidemil.trainer.rng import seed_everything
 from slidemil.trainer.task import Cohort, TrainingMode
 
@@ -25,7 +27,8 @@ log = logging.getLogger(__name__)
 
 def train_one(cfg: TrainConfig, out: Path, mode: TrainingMode, cohort: Cohort, split: pd.Series,
               ctx: DistContext, resume: bool, callbacks: Sequence[Callback] = ()) -> RunResult:
-    """The recipe for one split: build the task (model initialised from ``cfg.seed``), train, test."""
+    """The recipe for one split: build the task (model initialised from ``cfg.seed``), train, calibrate
+    (with ``cfg.calibrate``), choose the operating point on the validation slides, test."""
     seed_everything(cfg.seed)
     task = mode.build_task(cfg, cohort, split)
     trainer = Trainer(cfg, task, cohort, out, ctx, callbacks)
@@ -35,6 +38,7 @@ def train_one(cfg: TrainConfig, out: Path, mode: TrainingMode, cohort: Cohort, s
         trainer.use_best()
         if cfg.calibrate:
             trainer.calibration = calibrate_best(trainer)
+        trainer.operating_point = choose_for_best(trainer)
         return trainer.test()
     finally:
         trainer.cleanup()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from slidemil.errors import ConfigError
-from slidemil.models.mil import AttentionMIL, HeadConfig, create_head
+from slidemil.models.mil import HeadConfig, MILHead, create_head
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.data import (
     BagDataset,
@@ -101,45 +101,33 @@ class MILModel(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Called before each training epoch (for draws keyed by the epoch)."""
 
-    def watch_instances(self) -> None:
-        """Keep, from now on, the instance projection of each forward, for :meth:`instance_logits`."""
-        head = self._attention_head()
-        self._instances: torch.Tensor | None = None
-
-        def keep(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            self._instances = output
-
-        head.projection.register_forward_hook(keep)
-
-    def instance_logits(self) -> torch.Tensor:
-        """Per-tile logits (B, N, C) of the last forward (after :meth:`watch_instances`).
-
-        The head's classifier is linear and the attention weights sum to 1, so the bag logits are
-        exactly the attention-weighted mean of these: they need no parameters of their own, and
-        the exported head stays as it is.
-        """
-        head = self._attention_head()
-        assert self._instances is not None, "instance_logits() needs watch_instances() and a forward"
-        return head.classifier(self._instances) / head.temperature
-
-    def _attention_head(self) -> AttentionMIL:
+    def mil_head(self) -> MILHead:
+        """The MIL head this model trains (its ``head`` attribute)."""
         head = getattr(self, "head", None)
-        if not isinstance(head, AttentionMIL):
-            raise ConfigError(f"{type(self).__name__} has no attention-MIL head")
+        if not isinstance(head, MILHead):
+            raise ConfigError(f"{type(self).__name__} has no MIL head")
         return head
+
+    def enable_auxiliary_loss(self) -> None:
+        """From now on keep, in training forwards, what the head's auxiliary loss needs."""
+        self.mil_head().keep_for_loss = True
+
+    def auxiliary_loss(self, labels: torch.Tensor, k: int | None = None,
+                       class_weights: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The head's auxiliary loss for the bags of the last training forward (None: the head has none);
+        see :meth:`slidemil.models.mil.MILHead.auxiliary_loss`."""
+        return self.mil_head().auxiliary_loss(labels, k, class_weights)
 
     def set_temperature(self, temperature: float) -> None:
         """Store a calibration temperature in the head (it divides the logits)."""
-        head = getattr(self, "head", None)
-        if not isinstance(head, AttentionMIL):
-            raise ConfigError(f"{type(self).__name__} has no attention-MIL head to calibrate")
-        head.temperature.fill_(float(temperature))
+        self.mil_head().temperature.fill_(float(temperature))
 
 
-def build_head(cfg: TrainConfig, in_dim: int, n_classes: int) -> AttentionMIL:
+def build_head(cfg: TrainConfig, in_dim: int, n_classes: int) -> MILHead:
     """The head the config describes (initialised from the current torch seed)."""
     m = cfg.model
     return create_head(HeadConfig(mil_type=m.mil, in_dim=in_dim, n_classes=n_classes, hidden_dim=m.hidden_dim,
-                                  attention_dim=m.attention_dim, dropout=m.dropout))
+                                  attention_dim=m.attention_dim, dropout=m.dropout, n_heads=m.n_heads,
+                                  landmarks=m.landmarks, pinv_iterations=m.pinv_iterations))
 
 
