@@ -9,6 +9,7 @@ YAML file and overrides, and writing the resolved config beside the outputs.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -46,6 +47,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
         raise ConfigError(f"invalid {cls.__name__}: {exc}") from exc
 
 
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -72,6 +76,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML) reads 2e-4 as a string: only 2.0e-4 is a float there
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if hint in (int, float, str, bool) and not isinstance(value, hint):

@@ -59,3 +59,13 @@ def test_train_command_sets_every_head_option() -> None:
     assert (cfg.model.mil, cfg.model.attention_dim, cfg.model.n_heads, cfg.model.landmarks,
             cfg.model.pinv_iterations) == ("transmil", 64, 4, 32, 8)
     assert (cfg.loss.instance_weight, cfg.loss.instance_k) == (0.0, 3)
+
+
+def test_yaml_scientific_notation_is_a_float(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads ``lr: 2e-4`` as the string '2e-4'; a float field takes it as 2e-4."""
+    path = tmp_path / "train.yaml"
+    path.write_text("optim:\n  lr: 2e-4\n  weight_decay: 1E-5\n")
+    cfg = load_config(TrainConfig, path)
+    assert cfg.optim.lr == 2e-4 and cfg.optim.weight_decay == 1e-5
+    with pytest.raises(ConfigError, match="is not a float"):
+        load_config(TrainConfig, None, {"optim.lr": "fast"})
