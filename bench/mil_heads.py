@@ -1,6 +1,7 @@
 """MIL heads side by side on synthetic cohorts with small lesions: slide AUC per fold, attention AUC of the
 lesion tiles, balanced accuracy at the recorded operating threshold, training time, head.onnx size and
-head-only scoring time; and (``--memory``) the peak memory of one 50,000 x 2560 bag per head.
+head-only scoring time; and (``--memory``) the peak memory of one 50,000 x 2560 bag per head (inference on
+ONNX Runtime and torch, and one training step on the whole bag).
 
 Run by hand from the repository root (package installed)::
 
@@ -169,8 +170,10 @@ def run_cv(work: str, cohort: str, variant: str, settings: dict[str, Any], seed:
 # --- cost of the exported head ----------------------------------------------------------------------------
 
 def head_cost(work: Path, cohort: str, variant: str, seed: int) -> dict[str, float]:
-    """head.onnx size (MB) and ONNX Runtime time per slide (ms, median, one thread) of fold 0's head."""
+    """head.onnx size (MB), ONNX Runtime time per slide (ms, median, one thread) of fold 0's head, and its parity
+    with the torch head on every slide of the cohort (max |d probability|, argmax agreement)."""
     import onnxruntime as ort
+    import torch
 
     from slidemil.artifacts.checkpoint import load_head
     from slidemil.models.mil import BagHead
@@ -185,14 +188,20 @@ def head_cost(work: Path, cohort: str, variant: str, seed: int) -> dict[str, flo
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    times = []
+    times, dp, agree = [], [], []
+    bag_head = BagHead(head).eval()
     for h5 in sorted((work / cohort / "feats" / "features").glob("*.h5")):
         x = read_h5(h5).features
         session.run(None, {"features": x})  # warm
         start = time.perf_counter()
-        session.run(None, {"features": x})
+        got = session.run(["probabilities"], {"features": x})[0]
         times.append(time.perf_counter() - start)
-    return {"onnx_mb": path.stat().st_size / 1e6, "ms_per_slide": 1000 * float(np.median(times))}
+        with torch.no_grad():
+            want = bag_head(torch.from_numpy(x))[1].numpy()
+        dp.append(float(np.abs(got - want).max()))
+        agree.append(bool(got.argmax() == want.argmax()))
+    return {"onnx_mb": path.stat().st_size / 1e6, "ms_per_slide": 1000 * float(np.median(times)),
+            "max_dp": max(dp), "argmax_agreement": float(np.mean(agree))}
 
 
 # --- memory of one 50,000 x 2560 bag -----------------------------------------------------------------------
@@ -217,6 +226,15 @@ if mode == "ort":
     session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     base, start = hwm(), time.perf_counter()
     session.run(None, {"features": x})
+elif mode == "train":  # one training step on the whole bag (--max-patches 0): forward, auxiliary term, backward
+    head = bag_head.head.train()
+    head.keep_for_loss = head.default_instance_weight > 0
+    base, start = hwm(), time.perf_counter()
+    out = head(torch.from_numpy(x)[None])
+    labels = torch.tensor([1])
+    loss = torch.nn.functional.cross_entropy(out.logits, labels)
+    aux = head.auxiliary_loss(labels) if head.keep_for_loss else None
+    (loss if aux is None else loss + head.default_instance_weight * aux).backward()
 else:
     base, start = hwm(), time.perf_counter()
     with torch.inference_mode():
@@ -226,15 +244,15 @@ print(f"{time.perf_counter() - start:.2f} {base:.0f} {hwm():.0f}")
 
 
 def memory_table(heads: list[str]) -> str:
-    rows = ["| head | ONNX Runtime peak RSS (MB) | growth (MB) | s | torch peak RSS (MB) | growth (MB) | s |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| head | ONNX Runtime peak RSS (MB) | growth (MB) | s | torch peak RSS (MB) | growth (MB) | s | "
+            "training step peak RSS (MB) | growth (MB) | s |", "|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in heads:
             path = str(Path(tmp) / f"{name}.onnx")
             subprocess.run([sys.executable, "-c", _MEMORY_CHILD, "export", name, path], check=True,
                            capture_output=True)
             cells = [name]
-            for mode in ("ort", "torch"):
+            for mode in ("ort", "torch", "train"):
                 out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, mode, name, path], check=True,
                                      capture_output=True, text=True).stdout.split()
                 seconds, base, peak = float(out[0]), float(out[1]), float(out[2])
@@ -252,14 +270,16 @@ def _pm(values: pd.Series) -> str:
 
 def tables(results: pd.DataFrame, costs: dict[str, dict[str, float]], subtle: list[str], easy: list[str]) -> str:
     lines = ["| head (variant) | fold AUC, subtle cohorts (mean ± sd) | worst fold | attention AUC | BA@thr | "
-             "BA@argmax | easy cohort AUC (worst) | s/epoch | head.onnx MB | ms/slide |", "|" + "---|" * 10]
+             "BA@argmax | easy cohort AUC (worst) | s/epoch | head.onnx MB | ms/slide | ONNX max |dp| | argmax agreement |",
+             "|" + "---|" * 12]
     for variant, rows in results.groupby("variant", sort=False):
         s, e = rows[rows.cohort.isin(subtle)], rows[rows.cohort.isin(easy)]
         cost = costs.get(str(variant), {})
         easy_cell = f"{e.auc.mean():.3f} ({e.auc.min():.3f})" if len(e) else "-"
         lines.append(f"| {variant} | {_pm(s.auc)} | {s.auc.min():.3f} | {_pm(s.attention_auc.dropna())} | "
                      f"{_pm(s.ba_threshold)} | {_pm(s.ba_argmax)} | {easy_cell} | {rows.s_per_epoch.mean():.2f} | "
-                     f"{cost.get('onnx_mb', float('nan')):.2f} | {cost.get('ms_per_slide', float('nan')):.1f} |")
+                     f"{cost.get('onnx_mb', float('nan')):.2f} | {cost.get('ms_per_slide', float('nan')):.1f} | "
+                     f"{cost.get('max_dp', float('nan')):.1e} | {cost.get('argmax_agreement', float('nan')):.3f} |")
     lines += ["", "| cohort | head (variant) | fold AUC mean | worst | attention AUC | BA@thr | BA@argmax |",
               "|---|---|---|---|---|---|---|"]
     for (cohort, variant), rows in results.groupby(["cohort", "variant"], sort=False):
