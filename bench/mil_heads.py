@@ -334,7 +334,7 @@ def main() -> None:
         old = old[[k not in keys for k in zip(old.cohort, old.variant, old.seed)]]
         results = pd.concat([old, results], ignore_index=True)
     results.to_csv(path, index=False)
-    mine = results[results.variant.isin(args.variants) & results.cohort.isin(args.cohorts)]
+    mine = results[results.variant.isin(args.variants) & results.cohort.isin(args.cohorts) & results.seed.isin(args.seeds)]
     costs = {v: head_cost(work, args.cohorts[0], v, args.seeds[0]) for v in args.variants} if args.costs else {}
     subtle = [c for c in args.cohorts if COHORTS[c].subtle]
     easy = [c for c in args.cohorts if not COHORTS[c].subtle]
