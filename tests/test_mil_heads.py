@@ -121,7 +121,7 @@ def test_auxiliary_terms_by_hand() -> None:
         aux = head.auxiliary_loss(labels, k=2)
         inst = (head.instance_classifier if name == "dsmil" else head.classifier)(head.projection(features))
         expected = max_instance_loss(inst, torch.ones(1, 20, dtype=torch.bool), labels, 2)
-        assert aux is not None and float(aux) == pytest.approx(float(expected), rel=1e-5)
+        assert aux is not None and float(aux.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     # CLAM: padded tiles never enter the clustering term; a padded bag's term equals the bag's alone
     head = _head("clam_mb", dropout=0.0).train()
     head.keep_for_loss = True
@@ -130,7 +130,7 @@ def test_auxiliary_terms_by_hand() -> None:
     padded = torch.cat([features, torch.full((1, 6, D), 1e3)], dim=1)  # huge padding would dominate if selected
     mask = torch.cat([torch.ones(1, 20, dtype=torch.bool), torch.zeros(1, 6, dtype=torch.bool)], dim=1)
     head(padded, mask)
-    assert alone is not None and float(alone) == pytest.approx(float(head.auxiliary_loss(labels, k=3)), rel=1e-5)
+    assert alone is not None and float(alone.detach()) == pytest.approx(float(head.auxiliary_loss(labels, k=3).detach()), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", HEADS)
