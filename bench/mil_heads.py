@@ -11,8 +11,8 @@ Run by hand from the repository root (package installed)::
 Cohorts (``COHORTS``, built once in ``WORK/<cohort>/`` with ``slidemil synth``, ``slidemil tile`` and
 ``slidemil extract --backbone resnet18 --weights random``, then reused by every variant): subtle single
 lesions on 0.5-1 % of the tissue (four seeds, 48-64 slides, 8192 or 12288 px) and one cohort of larger
-lesions (3 %). Variants (``VARIANTS``): each head with its defaults, and ABMIL without its max-instance
-term (the old default). Every (cohort, variant, seed) runs ``slidemil train --folds K`` (patient-grouped)
+lesions (3 %). Variants (``VARIANTS``): each head with its defaults, and ABMIL with its max-instance
+term at 0.5 and without it (the earlier defaults). Every (cohort, variant, seed) runs ``slidemil train --folds K`` (patient-grouped)
 in ``WORK/runs/<cohort>/<variant>/seed<s>/`` and is skipped when its ``cv_summary.csv`` exists; fold
 figures go to ``WORK/results.csv`` and the tables are printed (markdown) and written to
 ``WORK/tables.md``.
@@ -74,6 +74,7 @@ COHORTS = {
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "gated": {"model.mil": "gated"},
+    "gated_iw05": {"model.mil": "gated", "loss.instance_weight": 0.5},  # the default before it was measured here
     "gated_no_instance": {"model.mil": "gated", "loss.instance_weight": 0.0},
     "simple": {"model.mil": "simple"},
     "clam_sb": {"model.mil": "clam_sb"},

@@ -78,7 +78,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--weighted-sampling", action="store_true", default=None, help="class-balanced bag sampling")
     lo.add_argument("--label-smoothing", type=float, help="label smoothing (0)")
     lo.add_argument("--instance-weight", type=float, help="weight of the head's instance-level loss term, 0 = off "
-                    "(the head's default: ABMIL's max-instance term 0.5, CLAM's clustering 0.43, DSMIL's 1)")
+                    "(the head's default: ABMIL's max-instance term 1, CLAM's clustering 0.43, DSMIL's 1)")
     lo.add_argument("--instance-k", type=int, help="tiles per bag that term looks at (the head's: 1; CLAM 8)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, help="peak learning rate (5e-4)")

@@ -168,7 +168,7 @@ class LossConfig:
         instance_weight: weight of the head's own instance-level term added to the bag loss
             (:meth:`slidemil.models.mil.MILHead.auxiliary_loss`); None: the head's default; 0 turns it
             off. ABMIL (``gated``, ``simple``): the max-instance term (each class's logit of a bag's
-            ``instance_k`` highest-scoring tiles must give the bag's label too), default 0.5: it gives
+            ``instance_k`` highest-scoring tiles must give the bag's label too), default 1.0: it gives
             the few tiles of a small lesion their full gradient from the first step, where the bag
             loss dilutes it over the whole bag until the attention has found them (README, "Small
             lesions"). CLAM: the instance clustering loss, default 0.3 / 0.7 (CLAM's bag weight 0.7).
