@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "score.py"
+from tests.bench_modules import bench_module
 
 
 @pytest.fixture(scope="module")
 def bench():  # type: ignore[no-untyped-def]
     """bench/score.py as a module (bench/ is not a package); it changes nothing at import."""
-    spec = importlib.util.spec_from_file_location("bench_score", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_score"] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with bench_module("score") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_score", None)
 
 
 def env(bench, **changes):  # type: ignore[no-untyped-def]

@@ -3,27 +3,17 @@ dry run of the whole check is ``bash bench/gpu_check.sh OUT --dry-run``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+from tests.bench_modules import bench_module
 
 
 @pytest.fixture(scope="module")
 def check():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_gpu_check", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu_check"] = module
-    try:
-        spec.loader.exec_module(module)
+    with bench_module("gpu_check") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_gpu_check", None)
 
 
 def test_trace_gives_busy_time_and_the_gaps_between_slides(check, tmp_path):  # type: ignore[no-untyped-def]
