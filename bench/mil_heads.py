@@ -134,25 +134,33 @@ def operating_figures(fold: Path) -> tuple[float, float]:
     return threshold, balanced_accuracy_at(test[prob[1]].to_numpy(), test.label.to_numpy() == 1, threshold)
 
 
-def run_cv(work: str, cohort: str, variant: str, settings: dict[str, Any], seed: int,
-           folds: int) -> list[dict[str, Any]]:
-    """``slidemil train --folds K`` of one variant (its TrainConfig ``settings``) on one cohort; one record per
-    fold."""
+def cv_config(work: str, cohort: str, seed: int, folds: int, settings: dict[str, Any]) -> Any:
+    """The TrainConfig of ``--folds K`` cross-validation on a built cohort (cached bags, one thread), and this
+    process set up for it (one torch thread, warnings only)."""
     import torch
 
     from slidemil.config import load_config
     from slidemil.trainer.config import TrainConfig
-    from slidemil.trainer.run import run_training
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     root = Path(work) / cohort
-    out = Path(work) / "runs" / cohort / variant / f"seed{seed}"
     overrides = {"data.metadata": str(root / "cohort" / "metadata.csv"), "data.features": str(root / "feats"),
                  "cv.folds": folds, "seed": seed, "data.cache": True, "threads": 1, "log.tensorboard": False,
                  "log.progress": False, **settings}
+    return load_config(TrainConfig, None, overrides)
+
+
+def run_cv(work: str, cohort: str, variant: str, settings: dict[str, Any], seed: int,
+           folds: int) -> list[dict[str, Any]]:
+    """``slidemil train --folds K`` of one variant (its TrainConfig ``settings``) on one cohort; one record per
+    fold."""
+    from slidemil.trainer.run import run_training
+
+    root = Path(work) / cohort
+    out = Path(work) / "runs" / cohort / variant / f"seed{seed}"
     if not (out / "cv_summary.csv").is_file():
-        run_training(load_config(TrainConfig, None, overrides), out, resume=True)
+        run_training(cv_config(work, cohort, seed, folds, settings), out, resume=True)
     records = []
     for i in range(folds):
         fold = out / f"fold_{i}"

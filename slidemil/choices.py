@@ -23,6 +23,7 @@ MilType = Literal["clam_mb", "clam_sb", "dsmil", "gated", "simple", "transmil"]
 TrainingMode = Literal["features", "end2end"]
 LossName = Literal["ce", "focal"]
 Scheduler = Literal["cosine", "plateau", "none"]
+SelectRule = Literal["last", "best"]  # which epoch's weights a training run keeps
 Exporter = Literal["auto", "dynamo", "legacy"]
 BatchNormMode = Literal["frozen", "train"]
 AmpDtype = Literal["float16", "bfloat16"]

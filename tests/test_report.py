@@ -125,7 +125,7 @@ def test_plots_written_and_non_empty(tmp_path):
     legend = [t.get_text() for t in roc.axes[0].get_legend().get_texts()]
     assert len(legend) == 4 and all("AUC" in t for t in legend[:3])  # a, b, c and chance
     curves = P.plot_training_curves(metrics, best_epoch=2)
-    assert "best epoch (2)" in [t.get_text() for t in curves.axes[0].get_legend().get_texts()]
+    assert "kept epoch (2)" in [t.get_text() for t in curves.axes[0].get_legend().get_texts()]
     assert len(curves.axes) == 3  # loss, AUC, balanced accuracy
     # the report tests save every plot; here the multiclass ones
     for name, fig in {"roc": roc, "confusion": P.plot_confusion([[8, 1, 1], [0, 9, 1], [2, 0, 8]], names),

@@ -123,12 +123,32 @@ def test_gradient_accumulation_equals_a_larger_batch(cohort: Path, tmp_path: Pat
 def test_early_stopping_when_the_validation_loss_never_improves(tmp_path: Path) -> None:
     root = make_feature_cohort(tmp_path / "c", n_slides=30, n_classes=3, slides_per_patient=1)
     # a learning rate too small to move float32 weights: the validation loss never improves
-    cfg = fast_config(root, **{"optim.epochs": 30, "optim.patience": 2, "optim.monitor": "loss",
-                               "optim.lr": 1e-12, "optim.scheduler": "none", "model.dropout": 0.0})
+    cfg = fast_config(root, **{"optim.epochs": 30, "optim.select": "best", "optim.patience": 2,
+                               "optim.monitor": "loss", "optim.lr": 1e-12, "optim.scheduler": "none",
+                               "model.dropout": 0.0})
     (result,) = run_training(cfg, tmp_path / "run")
     assert len(pd.read_csv(tmp_path / "run" / "metrics.csv")) == 3 and result.best_epoch == 1
     # the metrics of a model that learnt nothing are still computed, over all three classes
     assert len(result.test_metrics["confusion_matrix"]) == 3
+
+
+def test_the_run_keeps_the_last_epoch_unless_told_to_select_the_best(cohort: Path, tmp_path: Path) -> None:
+    settings = {"optim.epochs": 6, "optim.patience": 1, "optim.monitor": "loss", "data.max_patches": 20}
+    # default (select: last): every epoch runs, patience is not early stopping, the final weights are kept
+    (last,) = run_training(fast_config(cohort, **settings), tmp_path / "last")
+    assert len(pd.read_csv(tmp_path / "last" / "metrics.csv")) == 6 and last.best_epoch == 6
+    kept, final = (load_file(tmp_path / "last" / f"{n}.safetensors") for n in ("checkpoint_best", "checkpoint_last"))
+    assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in kept)
+    assert read_checkpoint_meta(tmp_path / "last" / "checkpoint_best")["epoch"] == 6
+    # select: best keeps the epoch of the lowest validation loss and stops one epoch after it stops improving
+    (best,) = run_training(fast_config(cohort, **settings, **{"optim.select": "best"}), tmp_path / "best")
+    metrics = pd.read_csv(tmp_path / "best" / "metrics.csv")
+    want = int(metrics.loc[metrics.val_loss.idxmin(), "epoch"])
+    assert best.best_epoch == want and read_checkpoint_meta(tmp_path / "best" / "checkpoint_best")["epoch"] == want
+    assert len(metrics) == min(want + 1, 6)
+    # both runs trained the same weights epoch by epoch: their logs agree where both ran
+    same = pd.read_csv(tmp_path / "last" / "metrics.csv").iloc[:len(metrics)]
+    assert same.val_loss.to_numpy() == pytest.approx(metrics.val_loss.to_numpy(), rel=1e-6)
 
 
 def test_multiclass_learns(tmp_path: Path) -> None:

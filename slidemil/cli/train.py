@@ -13,6 +13,7 @@ from slidemil.choices import (
     LossName,
     MilType,
     Scheduler,
+    SelectRule,
     TrainingMode,
     choices_of,
 )
@@ -88,8 +89,11 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--epochs", type=int, help="maximum epochs (40)")
     o.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")
     o.add_argument("--accumulate", type=int, help="batches per optimisation step (gradient accumulation) (1)")
-    o.add_argument("--patience", type=int, help="early stopping patience in epochs, 0 = off (12)")
-    o.add_argument("--monitor", help="validation metric of the best checkpoint (auc; balanced_accuracy, loss...)")
+    o.add_argument("--select", choices=choices_of(SelectRule),
+                   help="the weights the run keeps: the final epoch's, or the best validation epoch's (last)")
+    o.add_argument("--patience", type=int, help="with --select best: early stopping patience in epochs, 0 = off (12)")
+    o.add_argument("--monitor", help="validation metric of --select best and of the plateau schedule (auc; "
+                   "balanced_accuracy, loss...)")
     o.add_argument("--device", choices=choices_of(DeviceKind), help="(auto)")
     o.add_argument("--threads", type=int, help="torch threads per process on CPU (all cores)")
     o.add_argument("--amp", action="store_true", default=None, help="mixed precision on CUDA")
@@ -133,7 +137,7 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "optim.lr": args.lr, "optim.weight_decay": args.weight_decay, "optim.scheduler": args.scheduler,
         "optim.warmup_epochs": args.warmup_epochs, "optim.epochs": args.epochs, "optim.grad_clip": args.grad_clip,
         "optim.accumulate": args.accumulate,
-        "optim.patience": args.patience, "optim.monitor": args.monitor,
+        "optim.select": args.select, "optim.patience": args.patience, "optim.monitor": args.monitor,
         "cv.folds": args.folds, "cv.fold": args.fold,
         "log.wandb": args.wandb, "log.project": args.project, "log.run_name": args.run_name,
         "seed": args.seed, "device": args.device, "threads": args.threads, "amp": args.amp,

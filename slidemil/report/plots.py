@@ -47,11 +47,11 @@ def _figure(n_panels: int = 1, width: float = 4.6, height: float = 4.0) -> tuple
 
 # -- training ----------------------------------------------------------------------------------
 def plot_training_curves(metrics: pd.DataFrame, best_epoch: int | None = None, title: str = "") -> Figure:
-    """Loss, AUC and balanced accuracy per epoch, train vs validation, best epoch marked.
+    """Loss, AUC and balanced accuracy per epoch, train vs validation, the kept epoch marked.
 
     Args:
         metrics: the run's ``metrics.csv`` (epoch, train_loss, val_loss, val_auc, ...).
-        best_epoch: the epoch of the best checkpoint.
+        best_epoch: the epoch of the kept checkpoint (``checkpoint_best``).
         title: figure title.
     """
     panels = [(key, label) for key, label in CURVE_PANELS
@@ -65,7 +65,7 @@ def plot_training_curves(metrics: pd.DataFrame, best_epoch: int | None = None, t
                 ax.plot(epochs, metrics[col].to_numpy(float), style, marker="o", markersize=3,
                         label="train" if part == "train" else "validation")
         if best_epoch is not None:
-            ax.axvline(best_epoch, color="0.3", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
+            ax.axvline(best_epoch, color="0.3", linestyle="--", linewidth=1, label=f"kept epoch ({best_epoch})")
         ax.set(xlabel="epoch", ylabel=label, title=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -205,7 +205,7 @@ def _train_page(ctx: _Context) -> ReportPage:
     curves = pd.read_csv(ctx.src / "metrics.csv")
     best = meta.get("epoch")
     page.plots.append(_save(ctx, "training_curves", P.plot_training_curves(curves, best), "Training curves",
-                            f"best epoch {best}, marked", wide=True))
+                            f"kept epoch {best}, marked", wide=True))
     page.settings = {n: _read_json(ctx.src / n) for n in ("train_config.json", "test_metrics.json")
                      if (ctx.src / n).is_file()}
     test_csv = ctx.src / "test_predictions.csv"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slidemil import config as _config
-from slidemil.choices import AmpDtype, BatchNormMode, LossName, MilType, Scheduler, TrainingMode
+from slidemil.choices import AmpDtype, BatchNormMode, LossName, MilType, Scheduler, SelectRule, TrainingMode
 from slidemil.errors import ConfigError
 from slidemil.evaluation.metrics import monitor_mode
 
@@ -206,8 +206,17 @@ class OptimConfig:
         grad_clip: maximum gradient norm; 0 disables clipping.
         accumulate: batches per optimisation step (gradient accumulation); the effective
             batch is ``batch_size`` x ``accumulate`` x ranks.
-        patience: stop after this many epochs without improvement of ``monitor``; 0 disables.
-        monitor: validation metric that picks the best checkpoint (ties broken by validation loss).
+        select: which epoch's weights the run keeps as its model (``checkpoint_best``): ``last``, the
+            final epoch's, after the schedule has annealed; ``best``, the epoch with the best validation
+            ``monitor`` (ties broken by validation loss), with early stopping after ``patience`` epochs.
+            ``last`` is the default because a cross-validation fold of a small cohort validates on a
+            handful of slides: there a ranking metric reaches 1.0 by chance in the first epochs and
+            keeps an untrained head (README, "Which epoch the run keeps"; ``bench/model_selection.py``).
+            Validation figures are computed and logged every epoch either way.
+        patience: with ``select: best``, stop after this many epochs without improvement of ``monitor``;
+            0 disables.
+        monitor: validation metric that picks the best checkpoint with ``select: best``, and that the
+            ``plateau`` schedule follows.
         min_lr_ratio: floor of the cosine schedule, relative to ``lr``.
     """
 
@@ -218,6 +227,7 @@ class OptimConfig:
     epochs: int = 40
     grad_clip: float = 1.0
     accumulate: int = 1
+    select: SelectRule = "last"
     patience: int = 12
     monitor: str = "auc"
     min_lr_ratio: float = 0.01

@@ -3,8 +3,9 @@
 The loop sees a model ``BagBatch -> MILOutput`` and bag datasets (:mod:`slidemil.trainer.modes`);
 it owns the optimisation (AdamW with parameter groups, warm-up schedule, gradient accumulation,
 clipping, AMP), evaluation (every validation and test slide exactly once, sharded over ranks and
-gathered, so the numbers equal a single process's), early stopping, checkpoints, resume and the
-evaluation of the best checkpoint (calibrated first where asked: see :mod:`slidemil.trainer.recipe`).
+gathered, so the numbers equal a single process's), the choice of the kept weights (the last epoch's,
+or the best validation epoch's with early stopping: ``optim.select``), checkpoints, resume and the
+evaluation of the kept checkpoint (calibrated first where asked: see :mod:`slidemil.trainer.recipe`).
 Only rank 0 writes.
 """
 
@@ -222,7 +223,7 @@ class Trainer:
         changed = config_changes(meta.get("train_config", {}), self.cfg.to_dict())
         if changed:
             log.warning("resuming with changed settings: %s", changed)
-        log.info("resuming %s from epoch %d (best epoch %d)", self.out, self.progress.epoch, self.progress.best_epoch)
+        log.info("resuming %s from epoch %d (kept epoch %d)", self.out, self.progress.epoch, self.progress.best_epoch)
 
     # --- train ---------------------------------------------------------------------------------
     def train(self) -> None:
@@ -237,9 +238,12 @@ class Trainer:
             val, _ = self.evaluate("val")
             improved = self._update_progress(epoch, val)
             self.schedule.epoch_end(val.get(self.monitor) if val else None)
-            p.finished = p.epoch >= cfg.epochs or (cfg.patience > 0 and p.bad_epochs >= cfg.patience)
-            if p.finished and p.epoch < cfg.epochs:
+            early = cfg.select == "best" and cfg.patience > 0 and p.bad_epochs >= cfg.patience
+            p.finished = p.epoch >= cfg.epochs or early
+            if early and p.epoch < cfg.epochs:
                 log.info("early stopping: no better validation %s (ties: loss) for %d epochs", self.monitor, p.bad_epochs)
+            if cfg.select == "last" and p.finished:
+                improved = self._keep_last(epoch)
             result = EpochResult(epoch, train_loss, val, self.schedule.lr, time.perf_counter() - start,
                                  n_bags / max(train_s, 1e-9), improved)
             self._save_epoch(result)
@@ -305,6 +309,8 @@ class Trainer:
         return loss
 
     def _update_progress(self, epoch: int, val: dict[str, Any] | None) -> bool:
+        """Track the best validation epoch; with ``select: best`` its weights become the kept ones.
+        Returns whether this epoch's weights are now the kept ones."""
         p = self.progress
         p.epoch = epoch
         if val is None:
@@ -316,11 +322,21 @@ class Trainer:
             if improved:
                 p.best_value, p.best_loss = value, loss
         if improved:
-            p.best_epoch, p.bad_epochs = epoch, 0
-            self.best_state = self.model.checkpoint_state()
+            p.bad_epochs = 0
         else:
             p.bad_epochs += 1
+        if self.cfg.optim.select != "best":
+            return False
+        if improved:
+            p.best_epoch = epoch
+            self.best_state = self.model.checkpoint_state()
         return improved
+
+    def _keep_last(self, epoch: int) -> bool:
+        """``select: last``: the final epoch's weights are the kept ones (written as ``checkpoint_best``)."""
+        self.progress.best_epoch = epoch
+        self.best_state = self.model.checkpoint_state()
+        return True
 
     # --- evaluate ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -387,7 +403,7 @@ class Trainer:
                            "seconds": round(result.seconds, 3), "bags_per_s": round(result.bags_per_s, 2)})
         log.info("epoch %d/%d: train loss %.4f, val %s %s, %.1f bags/s%s", result.epoch, self.cfg.optim.epochs,
                  result.train_loss, self.monitor, _fmt((result.val or {}).get(self.monitor)), result.bags_per_s,
-                 " (best)" if result.improved else "")
+                 " (kept)" if result.improved else "")
 
     # --- test ----------------------------------------------------------------------------------
     def use_best(self) -> None:
@@ -414,7 +430,7 @@ class Trainer:
                 _write_csv(test_pred, self.out / "test_predictions.csv")
                 assert self.runlog is not None
                 self.runlog.final({k: v for k, v in flat_metrics(test).items() if k != "n"}, best, "test/")
-                log.info("test (best epoch %d): %s", best, ", ".join(
+                log.info("test (kept epoch %d): %s", best, ", ".join(
                     f"{k} {_fmt(test.get(k))}" for k in ("auc", "balanced_accuracy", "accuracy", "loss")))
         return RunResult(self.out, best, val or {}, test or {})
 
