@@ -30,21 +30,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# cohorts this bench adds to those of bench/mil_heads.py: made after the rules were compared there, to check
-# the chosen rule on cohorts it was not chosen on
-HOLDOUT = {"holdout05_s4_12k": (48, 12288, 0.005, 4), "holdout06_s5": (48, 8192, 0.006, 5)}
-
 
 def mil_heads() -> ModuleType:
-    """The sibling script bench/mil_heads.py (its cohorts, their builder, the CV settings), with this bench's
-    held-out cohorts added."""
+    """The sibling script bench/mil_heads.py: its cohorts, their builder, the CV settings."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
     import mil_heads as module
 
-    for name, (n, size, fraction, seed) in HOLDOUT.items():
-        module.COHORTS.setdefault(name, module.Cohort(n, size, fraction, seed))
     return module
 
 
@@ -141,7 +134,7 @@ def smoothed(metric: str, window: int, patience: int, min_epoch: int = 1) -> Rul
 
 
 RULES: dict[str, Rule] = {
-    "auc, p12 (current)": monitored("val_auc", 12),
+    "auc, p12 (--select best)": monitored("val_auc", 12),
     "auc, p20": monitored("val_auc", 20),
     "auc, no stop": monitored("val_auc", 0),
     "loss, p12": monitored("val_loss", 12, ties=None),
@@ -152,7 +145,7 @@ RULES: dict[str, Rule] = {
     "auc 3-mean, p12": smoothed("val_auc", 3, 12),
     "auc 5-mean, p12": smoothed("val_auc", 5, 12),
     "auc 5-mean, no stop": smoothed("val_auc", 5, 0),
-    "last epoch": lambda table: int(table.index[-1]),
+    "last epoch (--select last)": lambda table: int(table.index[-1]),
 }
 
 

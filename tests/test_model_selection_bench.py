@@ -20,7 +20,7 @@ def bench():  # type: ignore[no-untyped-def]
         yield module
 
 
-@pytest.mark.parametrize("select, rule", [("best", "monitored"), ("last", "last epoch")])
+@pytest.mark.parametrize("select, rule", [("best", "monitored"), ("last", "last epoch (--select last)")])
 def test_replayed_rule_keeps_the_epoch_the_trainer_keeps(bench, tmp_path: Path, select: str,  # type: ignore[no-untyped-def]
                                                           rule: str) -> None:
     cohort = make_feature_cohort(tmp_path / "c", n_slides=24, shift=0.6)
@@ -49,4 +49,4 @@ def test_rules_on_a_hand_made_trajectory(bench) -> None:  # type: ignore[no-unty
     assert bench.monitored("val_auc", 0)(table) == 1  # ties at 1.0 go to the lower loss: epoch 1 (0.6)
     assert bench.monitored("val_auc", 0, min_epoch=3)(table) == 5
     assert bench.monitored("val_loss", 0, ties=None)(table) == 1
-    assert bench.RULES["last epoch"](table) == 6
+    assert bench.RULES["last epoch (--select last)"](table) == 6
