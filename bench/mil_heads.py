@@ -199,8 +199,7 @@ def head_cost(work: Path, cohort: str, variant: str, seed: int) -> dict[str, flo
     head, meta = load_head(work / "runs" / cohort / variant / f"seed{seed}" / "fold_0" / "checkpoint_best")
     path = work / "onnx" / f"{variant}_{cohort}_seed{seed}.onnx"
     path.parent.mkdir(exist_ok=True)
-    if not path.is_file():
-        export_head(BagHead(head), path, meta["head_config"]["in_dim"])
+    export_head(BagHead(head), path, meta["head_config"]["in_dim"])  # always: the run may have been retrained
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -61,6 +61,18 @@ def test_train_command_sets_every_head_option() -> None:
     assert (cfg.loss.instance_weight, cfg.loss.instance_k) == (0.0, 3)
 
 
+def test_train_command_chooses_the_kept_epoch() -> None:
+    from slidemil.cli import build_parser
+    from slidemil.cli.train import load_train_config
+
+    parse = build_parser().parse_args
+    assert load_train_config(parse(["train", "--out", "x"])).optim.select == "last"
+    cfg = load_train_config(parse(["train", "--out", "x", "--select", "best", "--patience", "5"]))
+    assert (cfg.optim.select, cfg.optim.patience) == ("best", 5)
+    with pytest.raises(ConfigError, match="select"):
+        load_config(TrainConfig, None, {"optim.select": "first"})
+
+
 def test_yaml_scientific_notation_is_a_float(tmp_path: Path) -> None:
     """PyYAML (YAML 1.1) reads ``lr: 2e-4`` as the string '2e-4'; a float field takes it as 2e-4."""
     path = tmp_path / "train.yaml"

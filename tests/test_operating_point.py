@@ -42,21 +42,33 @@ def test_argmax_stays_where_the_validation_slides_give_no_better_cut() -> None:
     op = choose_operating_point(np.array([1, 1, 1, 0, 0, 0]), probs, ["normal", "tumour"])
     assert op is not None and op["threshold"] == 0.5
     assert op["val_balanced_accuracy"] == op["val_balanced_accuracy_argmax"] == 1.0
-    # one positive below 0.5: a better cut exists, and the threshold moves to its logit midpoint
+    # one positive below 0.5: a better cut exists, but one slide is no evidence for it (the gain, 1/6, is below
+    # what two slides of a class of three are worth, 1/3)
     pos = [0.40, 0.95, 0.99]
+    probs = np.array([[1 - p, p] for p in pos + neg])
+    op = choose_operating_point(np.array([1, 1, 1, 0, 0, 0]), probs, ["normal", "tumour"])
+    assert op is not None and op["threshold"] == 0.5 and op["min_gain"] == pytest.approx(1 / 3)
+    assert op["val_balanced_accuracy"] == 1.0 and op["val_balanced_accuracy_argmax"] == pytest.approx(5 / 6)
+    # two positives below 0.5: the threshold moves to the logit midpoint of the best cut
+    pos = [0.40, 0.45, 0.99]
     probs = np.array([[1 - p, p] for p in pos + neg])
     op = choose_operating_point(np.array([1, 1, 1, 0, 0, 0]), probs, ["normal", "tumour"])
     assert op is not None and op["threshold"] == pytest.approx(1 / (1 + math.exp(-(_logit(0.20) + _logit(0.40)) / 2)))
 
 
 def test_overlapping_scores_take_the_best_cut() -> None:
-    scores = np.array([0.9, 0.6, 0.4, 0.55, 0.2, 0.1])
-    labels = np.array([1, 1, 1, 0, 0, 0])
+    # three positives below 0.5, one negative among them: the best cut gains two slides' worth over argmax
+    scores = np.array([0.9, 0.45, 0.4, 0.35, 0.42, 0.2, 0.1, 0.05])
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     op = choose_operating_point(labels, np.stack([1 - scores, scores], 1), ["a", "b"])
-    assert op is not None
+    assert op is not None and op["threshold"] < 0.5
     best = max(balanced_accuracy_at(scores, labels == 1, t) for t in np.linspace(0, 1, 1001))
-    assert op["val_balanced_accuracy"] == pytest.approx(best)
+    assert op["val_balanced_accuracy"] == pytest.approx(best) == 0.875
     assert balanced_accuracy_at(scores, labels == 1, op["threshold"]) == pytest.approx(best)
+    # overlap that a better cut would fix by one slide only: argmax stays
+    scores = np.array([0.9, 0.6, 0.4, 0.55, 0.2, 0.1])
+    op = choose_operating_point(labels[[0, 1, 2, 4, 5, 6]], np.stack([1 - scores, scores], 1), ["a", "b"])
+    assert op is not None and op["threshold"] == 0.5
 
 
 def test_nothing_to_choose_from_one_class() -> None:
