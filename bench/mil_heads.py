@@ -91,6 +91,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def set_values(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as TrainConfig overrides (YAML values). ``null`` is refused: an override of
+    None means "not given" to the config, so it would silently change nothing."""
+    import yaml
+
+    values = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+    unset = [k for k, v in values.items() if v is None]
+    if unset:
+        parser.error(f"--set {', '.join(unset)}=null would change nothing (None means 'not given'); give a value "
+                     "(data.max_patches: a number of tiles larger than any bag draws them all)")
+    return values
+
+
 def sh(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "slidemil", *args], check=True, stdout=subprocess.DEVNULL)
 
@@ -321,8 +334,7 @@ def main() -> None:
         table = memory_table(list(VARIANTS_HEADS))
         print(table)
         return
-    import yaml
-    extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    extra = set_values(p, args.set)
     settings = {v + args.tag: {**VARIANTS[v], **extra} for v in args.variants}
     args.variants = list(settings)
     work = args.work

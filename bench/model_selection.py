@@ -208,9 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="TrainConfig settings for every run (YAML values), e.g. model.mil=dsmil")
     args = parser.parse_args(argv)
-    import yaml
 
-    settings = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    settings = mil_heads().set_values(parser, args.set)
     for cohort in args.cohorts:
         mil_heads().build_cohort(args.work, cohort)
     jobs = [(str(args.work), c, s, args.folds, args.epochs, args.tag, settings)
