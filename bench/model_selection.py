@@ -223,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     text = summary(frame[frame.cohort.str.startswith(("subtle", "holdout"))])
     easy = frame[~frame.cohort.str.startswith(("subtle", "holdout"))]
     if len(easy):
-        text += "\n\nLarger lesions (" + ", ".join(sorted(easy.cohort.unique())) + "): fold AUC per rule\n\n" + \
-            easy.groupby("rule", sort=False).auc.agg(["mean", "min"]).round(3).to_markdown()
+        rows = [f"| {rule} | {a['mean']:.3f} | {a['min']:.3f} |"
+                for rule, a in easy.groupby("rule", sort=False).auc.agg(["mean", "min"]).iterrows()]
+        text += ("\n\nLarger lesions (" + ", ".join(sorted(easy.cohort.unique())) + "): fold AUC per rule\n\n"
+                 "| rule | mean | worst |\n|---|---|---|\n" + "\n".join(rows))
     (base / "rules.md").write_text(text + "\n")
     print(text)
     return 0

@@ -2,7 +2,7 @@
 
 A head's softmax probabilities rank slides well long before ``argmax`` puts the boundary in the right
 place: a head that found a lesion of a few tiles may still give its slides p = 0.3. The trainer
-therefore chooses, on the validation slides of the best checkpoint, the threshold on one class's
+therefore chooses, on the validation slides of the kept checkpoint, the threshold on one class's
 probability that maximises balanced accuracy (equivalently Youden's J = TPR + TNR - 1) of that class
 against the rest, records it in the checkpoint and the package manifest, and the engine applies it
 (:func:`predict_index`); the probabilities themselves are never changed.
@@ -10,8 +10,8 @@ against the rest, records it in the checkpoint and the package manifest, and the
 Record (``operating_point``)::
 
     {"class": "tumour", "class_index": 1, "threshold": 0.31, "criterion": "balanced_accuracy",
-     "chosen_on": "validation slides of the best checkpoint (8 slides)", "rule": ...,
-     "val_balanced_accuracy": 1.0, "val_balanced_accuracy_argmax": 0.75}
+     "chosen_on": "validation slides of the kept checkpoint (8 slides)", "rule": ...,
+     "val_balanced_accuracy": 1.0, "val_balanced_accuracy_argmax": 0.75, "min_gain": 0.25}
 
 Rule: predict ``class`` where its probability is >= ``threshold``, else the most probable of the
 other classes. The threshold (two classes) stays at 0.5, argmax, unless the best cut beats argmax on the

@@ -1,4 +1,4 @@
-"""``--calibrate``: temperature scaling of the best checkpoint (Guo et al., 2017).
+"""``--calibrate``: temperature scaling of the kept checkpoint (Guo et al., 2017).
 
 After training, the best model's logits on the validation slides (at T = 1) give the temperature
 that minimises their negative log-likelihood (:func:`slidemil.evaluation.calibration.fit_temperature`).

@@ -1,4 +1,4 @@
-"""The operating point of the best checkpoint, chosen on its validation slides
+"""The operating point of the kept checkpoint (``checkpoint_best``), chosen on its validation slides
 (:mod:`slidemil.evaluation.operating_point`).
 
 After training (and calibration, which changes the probabilities), the best model's validation
@@ -40,7 +40,7 @@ def choose_for_best(trainer: Trainer) -> dict[str, Any] | None:
         return None
     probs = np.stack([row[2] for row in trainer.predict("val")]).astype(np.float64)
     op = choose_operating_point(val.labels, probs, trainer.class_names, 1,
-                                "validation slides of the best checkpoint")
+                                "validation slides of the kept checkpoint")
     if op is None:
         log.warning("the validation slides hold one class only: no operating point; the predicted class stays the "
                     "most probable one")
