@@ -24,6 +24,7 @@ TrainingMode = Literal["features", "end2end"]
 LossName = Literal["ce", "focal"]
 Scheduler = Literal["cosine", "plateau", "none"]
 SelectRule = Literal["last", "best"]  # which epoch's weights a training run keeps
+InitChoice = Literal["val_loss", "average"]  # what a run trained from several initialisations keeps
 Exporter = Literal["auto", "dynamo", "legacy"]
 BatchNormMode = Literal["frozen", "train"]
 AmpDtype = Literal["float16", "bfloat16"]

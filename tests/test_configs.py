@@ -54,8 +54,9 @@ def test_train_command_sets_every_head_option() -> None:
 
     args = build_parser().parse_args(["train", "--out", "x", "--mil", "transmil", "--attention-dim", "64", "--n-heads",
                                       "4", "--landmarks", "32", "--pinv-iterations", "8", "--instance-weight", "0",
-                                      "--instance-k", "3"])
+                                      "--instance-k", "3", "--inits", "3", "--init-choice", "average"])
     cfg = load_train_config(args)
+    assert (cfg.model.inits, cfg.model.init_choice) == (3, "average")
     assert (cfg.model.mil, cfg.model.attention_dim, cfg.model.n_heads, cfg.model.landmarks,
             cfg.model.pinv_iterations) == ("transmil", 64, 4, 32, 8)
     assert (cfg.loss.instance_weight, cfg.loss.instance_k) == (0.0, 3)

@@ -29,13 +29,15 @@ CLASSES = ["normal", "type a", "type/b"]  # names that are not file-name safe, o
 QUICK_PARITY = ParityConfig(n_tiles=8, batch_sizes=(1, 8), bag_sizes=(1, 40), n_slide_bags=2)
 
 
-def _package(root: Path, mil_type: str, class_names: list[str], operating_point: dict | None = None) -> Path:
-    """A package of a randomly initialised head on the test backbone, exported as `slidemil export` does."""
+def _package(root: Path, mil_type: str, class_names: list[str], operating_point: dict | None = None,
+             ensemble: int = 1) -> Path:
+    """A package of a randomly initialised head (or ensemble of heads) on the test backbone, exported as
+    `slidemil export` does."""
     torch.manual_seed(0)
     model, card = create_backbone("test_resnet")
     card = save_backbone(model, card, root / "run" / "backbone")
     head = create_head(HeadConfig(mil_type=mil_type, in_dim=card.feature_dim, n_classes=len(class_names),
-                                  hidden_dim=32, attention_dim=16, dropout=0.0))
+                                  hidden_dim=32, attention_dim=16, dropout=0.0, ensemble=ensemble))
     meta = {"mode": "features", "epoch": 0, "metrics": {}, "class_names": class_names,
             "head_config": head.config.to_dict(), "backbone_card": card.to_dict(), "backbone_weights": "backbone/",
             "tiling": to_dict(TilingConfig()), "train_config": {}}
@@ -136,12 +138,13 @@ def test_the_engine_applies_the_operating_threshold(slides: Path, tmp_path: Path
 def test_a_manifest_written_before_the_new_heads_still_loads(tmp_path: Path) -> None:
     model = _package(tmp_path, "gated", ["normal", "tumour"])
     manifest = json.loads((model / MANIFEST_FILE).read_text())
-    for key in ("n_heads", "landmarks", "pinv_iterations", "outputs"):
+    for key in ("n_heads", "landmarks", "pinv_iterations", "outputs", "ensemble"):
         del manifest["mil"][key]
     del manifest["operating_point"]
     (model / MANIFEST_FILE).write_text(json.dumps(manifest))
     package = load_package(model)
     assert package.manifest.operating_point is None and package.head_config.mil_type == "gated"
+    assert package.head_config.ensemble == 1
     assert package.manifest.mil.outputs == ("logits", "probabilities", "attention", "attention_raw")
     with open_head(model) as head:
         out = head.runner.infer({"features": np.zeros((3, head.in_dim), np.float32)})

@@ -14,13 +14,11 @@ reach its targets:
 Cohorts: one subtle lesion on 0.5-1 % of the tissue (several seeds; the 0.5 % cohort at 12288 px so
 that its lesion covers a few tiles), and lesions on 3 % of the tissue (every fold perfect).
 
-Where the default stands (README, Benchmarks, "MIL heads on small lesions" and "Which epoch the run keeps";
-the same cohorts through ``bench/mil_heads.py`` and ``bench/model_selection.py``): at training seed 0, which
-this test uses, since the run keeps its final epoch, the 3 % cohort and three of the four subtle cohorts
-reach their targets; subtle10_s3 misses the attention target narrowly (0.948; fold AUC 1.0 in every fold).
-Of the two cohorts made after that choice, holdout06_s5 reaches them (mean fold AUC 0.95, worst 0.875) and
-holdout05_s4_12k does not (mean fold AUC 0.85, one fold at 0.25 whose head never finds the lesion,
-balanced accuracy 0.783). Those cases fail here until the trainer finds small lesions in every fold.
+Where the default stands (README, Benchmarks, "MIL heads on small lesions", "Which epoch the run keeps" and
+"Several initialisations"; the same cohorts through ``bench/mil_heads.py``): at training seed 0, which this
+test uses, the default (final epoch, five initialisations, the one with the lowest validation loss kept)
+reaches every target on the 3 % cohort, the four subtle cohorts and the two cohorts made to check the
+choice of epoch (worst fold 0.917). FRESH_DOCSTRING
 """
 
 from __future__ import annotations
@@ -61,6 +59,9 @@ COHORTS = {
                                      seed=4), SUBTLE),
     "holdout06_s5": (SynthConfig(n_slides=48, size=8192, lesion_fraction=0.006, n_lesions=1, subtle=True, seed=5),
                      SUBTLE),
+    # made after the choice of initialisation (--inits 5, lowest validation loss) was taken on those above
+    "holdout05_s6_12k": (SynthConfig(n_slides=48, size=12288, lesion_fraction=0.005, n_lesions=1, subtle=True,
+                                     seed=6), SUBTLE),
 }
 
 

@@ -74,8 +74,9 @@ class InputSpec:
 class MilSpec:
     """The MIL head: type and widths, the temperature folded into its logits, and its outputs.
 
-    ``n_heads``, ``landmarks``, ``pinv_iterations`` (TransMIL) and ``outputs`` were added later: a
-    manifest without them is a gated or simple head with the four outputs.
+    ``n_heads``, ``landmarks``, ``pinv_iterations`` (TransMIL), ``outputs`` and ``ensemble`` (heads averaged in
+    ``head.onnx``) were added later: a manifest without them is a single gated or simple head with the four
+    outputs.
     """
 
     type: str
@@ -88,6 +89,7 @@ class MilSpec:
     landmarks: int = 128
     pinv_iterations: int = 6
     outputs: tuple[str, ...] = ("logits", "probabilities", "attention", "attention_raw")
+    ensemble: int = 1
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ class Package:
         mil = self.manifest.mil
         return HeadConfig(mil_type=mil.type, in_dim=mil.in_dim, n_classes=mil.n_classes,
                           hidden_dim=mil.hidden_dim, attention_dim=mil.attention_dim, n_heads=mil.n_heads,
-                          landmarks=mil.landmarks, pinv_iterations=mil.pinv_iterations)
+                          landmarks=mil.landmarks, pinv_iterations=mil.pinv_iterations, ensemble=mil.ensemble)
 
     def precisions(self, kind: str = "backbone", fmt: str = "onnx") -> tuple[str, ...]:
         """Precisions present for a graph kind, as ONNX graphs or TensorRT engines."""

@@ -10,6 +10,7 @@ from slidemil.choices import (
     AmpDtype,
     BatchNormMode,
     DeviceKind,
+    InitChoice,
     LossName,
     MilType,
     Scheduler,
@@ -51,6 +52,10 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--n-heads", type=int, help="TransMIL: attention heads (8)")
     m.add_argument("--landmarks", type=int, help="TransMIL: Nystrom landmarks (128)")
     m.add_argument("--pinv-iterations", type=int, help="TransMIL: pseudo-inverse iterations (6)")
+    m.add_argument("--inits", type=int, help="heads trained side by side, each from its own initialisation (5)")
+    m.add_argument("--init-choice", choices=choices_of(InitChoice),
+                   help="what the run keeps of them: the head with the lowest validation loss, or their average "
+                   "(val_loss)")
     m.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                    help="feed raw features (default: standardised with training-set statistics)")
     b = p.add_argument_group("end-to-end backbone")
@@ -131,6 +136,7 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "model.mil": args.mil, "model.hidden_dim": args.hidden_dim, "model.dropout": args.dropout,
         "model.attention_dim": args.attention_dim, "model.n_heads": args.n_heads, "model.landmarks": args.landmarks,
         "model.pinv_iterations": args.pinv_iterations, "model.standardize": args.standardize,
+        "model.inits": args.inits, "model.init_choice": args.init_choice,
         "loss.name": args.loss, "loss.focal_gamma": args.focal_gamma, "loss.class_weights": args.class_weights,
         "loss.weighted_sampling": args.weighted_sampling, "loss.label_smoothing": args.label_smoothing,
         "loss.instance_weight": args.instance_weight, "loss.instance_k": args.instance_k,

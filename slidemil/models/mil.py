@@ -16,11 +16,13 @@ Each head starts with the same instance projection ``projection`` (Linear, ReLU,
 layer that sees raw features (the trainer folds its feature standardisation into it), divides its
 logits by a ``temperature`` buffer (1 until calibrated), and may add a training-only term to the
 loss (:meth:`MILHead.auxiliary_loss`: CLAM's instance clustering, DSMIL's and ABMIL's max-instance
-term). :class:`BagHead` is the one-bag module exported as ``head.onnx``.
+term). ``HeadConfig.ensemble`` > 1 trains that many heads of one kind side by side and averages them
+(:mod:`slidemil.models.ensemble`). :class:`BagHead` is the one-bag module exported as ``head.onnx``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,8 +53,10 @@ class HeadConfig:
             time are linear in the number of tiles for a fixed number of landmarks, and the pseudo-inverse
             costs landmarks^3 per head: 256 landmarks train 5x slower than 128 on a CPU).
         pinv_iterations: TransMIL: iterations of the Moore-Penrose pseudo-inverse.
+        ensemble: heads of this kind trained side by side and averaged into one prediction
+            (:mod:`slidemil.models.ensemble`); 1: a single head.
 
-    The TransMIL fields have defaults, so records written before they existed still load.
+    The TransMIL fields and ``ensemble`` have defaults, so records written before they existed still load.
     """
 
     mil_type: str = "gated"
@@ -64,12 +68,13 @@ class HeadConfig:
     n_heads: int = 8
     landmarks: int = 128
     pinv_iterations: int = 6
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         _load_heads()
         if self.mil_type not in _HEADS:
             raise ConfigError(f"unknown mil_type {self.mil_type!r}; choose one of {list_heads()}")
-        for name in ("in_dim", "hidden_dim", "attention_dim", "n_heads", "landmarks", "pinv_iterations"):
+        for name in ("in_dim", "hidden_dim", "attention_dim", "n_heads", "landmarks", "pinv_iterations", "ensemble"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"HeadConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_classes < 2:
@@ -96,6 +101,7 @@ class MILOutput(NamedTuple):
     attention: torch.Tensor  # (B, N) weights; 0 on padding; each row sums to 1 (per-class heads: the predicted class's)
     attention_raw: torch.Tensor  # (B, N) scores; softmax(attention_raw) == attention; -inf on padding
     attention_per_class: torch.Tensor | None = None  # (B, C, N) one map per class (heads that have them), else None
+    member_logits: torch.Tensor | None = None  # (K, B, C) an ensemble's members' logits (each in the bag loss)
 
 
 class MILHead(nn.Module):
@@ -122,6 +128,16 @@ class MILHead(nn.Module):
         self.register_buffer("temperature", torch.tensor(1.0))  # set by calibration; saved with the head
         self.keep_for_loss = False  # set by the trainer when the auxiliary term is in the loss
         self._kept: dict[str, torch.Tensor] | None = None
+
+    @property
+    def input_layers(self) -> tuple[str, ...]:
+        """Every Linear that takes the raw features (an ensemble has one per member)."""
+        return (self.input_layer,)
+
+    def independent_parameters(self) -> list[list[nn.Parameter]]:
+        """Parameter sets that learn independently of each other (an ensemble's members), each clipped on its
+        own by the trainer; empty for a single head."""
+        return []
 
     def auxiliary_loss(self, labels: torch.Tensor, k: int | None = None,
                        class_weights: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -369,8 +385,15 @@ def simple_attention(cfg: HeadConfig) -> AttentionMIL:
 
 
 def create_head(cfg: HeadConfig) -> MILHead:
-    """Build the head named by ``cfg.mil_type``; its initialisation follows the torch seed."""
+    """Build the head named by ``cfg.mil_type`` (an :class:`~slidemil.models.ensemble.EnsembleHead` of
+    ``cfg.ensemble`` of them when above 1); its initialisation follows the torch seed."""
     _load_heads()
-    head = _HEADS[cfg.mil_type](cfg)
+    if cfg.ensemble == 1:
+        head = _HEADS[cfg.mil_type](cfg)
+    else:
+        from slidemil.models.ensemble import EnsembleHead
+
+        single = dataclasses.replace(cfg, ensemble=1)
+        head = EnsembleHead([create_head(single) for _ in range(cfg.ensemble)])
     head.config = cfg
     return head

@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slidemil import config as _config
-from slidemil.choices import AmpDtype, BatchNormMode, LossName, MilType, Scheduler, SelectRule, TrainingMode
+from slidemil.choices import (
+    AmpDtype,
+    BatchNormMode,
+    InitChoice,
+    LossName,
+    MilType,
+    Scheduler,
+    SelectRule,
+    TrainingMode,
+)
 from slidemil.errors import ConfigError
 from slidemil.evaluation.metrics import monitor_mode
 
@@ -80,6 +89,12 @@ class ModelConfig:
         standardize: standardise each feature with its training-set mean and std (features mode;
             folded into the head's first layer in every checkpoint, so the saved head takes raw
             features).
+        inits: heads trained side by side on the same split, each from its own initialisation (each
+            learns exactly as it would alone; :mod:`slidemil.models.ensemble`); 1: one head.
+        init_choice: what the run keeps of them (:mod:`slidemil.trainer.inits`): ``val_loss``, the head
+            with the lowest validation loss at the kept epoch (a head that learnt its training slides by
+            slide-wide differences instead of the lesion is confidently wrong on some validation slides);
+            ``average``, all of them, exported as one head that averages them.
     """
 
     mil: MilType = "gated"
@@ -90,6 +105,13 @@ class ModelConfig:
     landmarks: int = 128
     pinv_iterations: int = 6
     standardize: bool = True
+    inits: int = 5
+    init_choice: InitChoice = "val_loss"
+
+    def __post_init__(self) -> None:
+        if self.inits < 1:
+            raise ConfigError(f"model.inits must be >= 1 (heads trained from their own initialisations), got "
+                              f"{self.inits}")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ class FeatureMIL(MILModel):
     """The features-mode model: per-dimension standardised features into the MIL head.
 
     The standardisation (training-set mean and std of each feature) is an affine map before the
-    head's first linear layer (``head.input_layer``), so :meth:`checkpoint_state` folds it into that layer: the saved head
+    head's first linear layer (``head.input_layers``: one per ensemble member), so :meth:`checkpoint_state` folds it into that layer: the saved head
     takes raw features, as the engine gives them.
     """
 
@@ -72,10 +72,10 @@ class FeatureMIL(MILModel):
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
-        layer = self.head.input_layer  # the one Linear that sees raw features
-        w = state[f"{layer}.weight"].double() * self.feature_scale.double().cpu()[None, :]
-        b = state[f"{layer}.bias"].double() - w @ self.feature_mean.double().cpu()
-        state[f"{layer}.weight"], state[f"{layer}.bias"] = w.float(), b.float()
+        for layer in self.head.input_layers:  # the Linear layers that see raw features
+            w = state[f"{layer}.weight"].double() * self.feature_scale.double().cpu()[None, :]
+            b = state[f"{layer}.bias"].double() - w @ self.feature_mean.double().cpu()
+            state[f"{layer}.weight"], state[f"{layer}.bias"] = w.float(), b.float()
         return {f"head.{k}": v for k, v in state.items()}
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:

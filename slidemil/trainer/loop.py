@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from slidemil.config import config_changes, save_config
 from slidemil.errors import ConfigError
 from slidemil.evaluation.metrics import compute_metrics, flat_metrics, is_better
 from slidemil.evaluation.operating_point import balanced_accuracy_at, predict_index
+from slidemil.models.mil import MILOutput
 from slidemil.processes import worker_context
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.data import BagDataset, EpochSampler, collate_bags
@@ -57,6 +58,7 @@ from slidemil.trainer.task import Cohort, TrainingTask
 log = logging.getLogger(__name__)
 
 BEST, LAST = "checkpoint_best", "checkpoint_last"
+INITS = "checkpoint_inits"  # the kept epoch's weights of every initialisation, once one of them was chosen
 _RANKING = ("auc", "average_precision")
 
 
@@ -218,8 +220,9 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         rngs = state["rng"]
         set_rng_state(rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0])
-        if (self.out / f"{BEST}.json").is_file():
-            self.best_state, _ = ckpt.load_weights(self.out / BEST)
+        kept = self.out / INITS if (self.out / f"{INITS}.json").is_file() else self.out / BEST
+        if kept.with_name(kept.name + ".json").is_file():  # every initialisation's kept weights, where one was chosen
+            self.best_state, _ = ckpt.load_weights(kept)
         changed = config_changes(meta.get("train_config", {}), self.cfg.to_dict())
         if changed:
             log.warning("resuming with changed settings: %s", changed)
@@ -277,7 +280,8 @@ class Trainer:
 
     def train_step(self, batch: Any, first: bool = True, last: bool = True, scale: float = 1.0) -> float:
         """Forward and backward of one batch (loss x ``scale``); on the ``last`` batch of an
-        accumulation group also clip and step. Returns the batch loss."""
+        accumulation group also clip (an ensemble's members each on their own) and step. Returns the batch
+        loss (an ensemble's: its members' mean)."""
         if first:
             self.optimizer.zero_grad(set_to_none=True)
         ddp = self.ddp if isinstance(self.ddp, DistributedDataParallel) else None
@@ -285,22 +289,32 @@ class Trainer:
         with sync:
             with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 out = self.ddp(batch)
-            loss = self.training_loss(out.logits.float(), batch)
+            logits = out.logits if out.member_logits is None else out.member_logits
+            loss = self.training_loss(logits.float(), batch)
             self.scaler.scale(loss * scale if scale != 1.0 else loss).backward()
+        reported = float(loss.detach()) / (1 if out.member_logits is None else len(out.member_logits))
         if not last:
-            return float(loss.detach())
+            return reported
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            for params in self.model.clip_groups():
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.step()
-        return float(loss.detach())
+        return reported
 
     def training_loss(self, logits: torch.Tensor, batch: Any) -> torch.Tensor:
         """The bag loss, plus the head's auxiliary term (max-instance, CLAM's clustering...) weighted by
-        ``loss.instance_weight`` (the head's default when unset) where the head has one."""
-        loss = self.loss_fn(logits, batch.labels)
+        ``loss.instance_weight`` (the head's default when unset) where the head has one.
+
+        ``logits`` (B, C), or (K, B, C) for an ensemble's members: then the loss is the sum of the members'
+        losses (the head's auxiliary term is their sum too), so each member gets exactly the gradient it
+        would get alone; the training loss logged is the members' mean (:meth:`train_step`)."""
+        if logits.dim() == 3:
+            loss = torch.stack([self.loss_fn(member, batch.labels) for member in logits]).sum()
+        else:
+            loss = self.loss_fn(logits, batch.labels)
         if self.instance_weight > 0:
             weights = None if self.class_weights is None else self.class_weights.to(logits.device)
             aux = self.model.auxiliary_loss(batch.labels, self.instance_k, weights)
@@ -339,22 +353,39 @@ class Trainer:
         return True
 
     # --- evaluate ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def predict(self, part: str) -> list[tuple[int, np.ndarray, np.ndarray, float]]:
-        """``(index, logits (C), probabilities (C), loss)`` of every slide of ``part``, in dataset order."""
+    def _eval_outputs(self, part: str) -> Iterator[tuple[Any, MILOutput]]:
+        """``(batch, output)`` of this rank's share of the slides of ``part``, one slide per batch (eval mode)."""
         dataset = self.task.datasets[part]
         self.model.eval()
         if part not in self.eval_loaders:
             self.eval_loaders[part] = self._loader(dataset, shard(len(dataset), self.ctx), 1)
-        mine = []
         for batch in self.eval_loaders[part]:
             batch = batch.to(self.ctx.device, non_blocking=True)
             with torch.autocast(self.ctx.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                logits = self.model(batch).logits.float()
+                out = self.model(batch)
+            yield batch, out
+
+    @torch.no_grad()
+    def predict(self, part: str) -> list[tuple[int, np.ndarray, np.ndarray, float]]:
+        """``(index, logits (C), probabilities (C), loss)`` of every slide of ``part``, in dataset order."""
+        mine = []
+        for batch, out in self._eval_outputs(part):
+            logits = out.logits.float()
             loss = float(self.loss_fn(logits, batch.labels))
             mine.append((int(batch.indices[0]), logits[0].cpu().numpy(), torch.softmax(logits, -1)[0].cpu().numpy(),
                          loss))
         return sorted((r for rank_rows in all_gather_objects(mine, self.ctx) for r in rank_rows), key=lambda r: r[0])
+
+    @torch.no_grad()
+    def member_losses(self, part: str) -> np.ndarray:
+        """An ensemble head's members' mean loss (bag loss, as ``predict``) over the slides of ``part``: (K,)."""
+        mine = []
+        for batch, out in self._eval_outputs(part):
+            if out.member_logits is None:
+                raise ConfigError("member_losses needs an ensemble head (model.inits > 1)")
+            mine.append([float(self.loss_fn(logits.float(), batch.labels)) for logits in out.member_logits])
+        rows = [r for rank_rows in all_gather_objects(mine, self.ctx) for r in rank_rows]
+        return np.asarray(rows, dtype=np.float64).mean(axis=0)
 
     def evaluate(self, part: str) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
         """Metrics and per-slide predictions of every slide of ``part`` (None when it is empty)."""

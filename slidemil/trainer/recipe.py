@@ -17,6 +17,7 @@ from slidemil.errors import ConfigError
 from slidemil.trainer.calibrate import calibrate_best
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.distributed import DistContext
+from slidemil.trainer.inits import choose_init
 from slidemil.trainer.loop import Callback, RunResult, Trainer
 from slidemil.trainer.operating import choose_for_best
 from slidemil.trainer.rng import seed_everything
@@ -27,8 +28,9 @@ log = logging.getLogger(__name__)
 
 def train_one(cfg: TrainConfig, out: Path, mode: TrainingMode, cohort: Cohort, split: pd.Series,
               ctx: DistContext, resume: bool, callbacks: Sequence[Callback] = ()) -> RunResult:
-    """The recipe for one split: build the task (model initialised from ``cfg.seed``), train, calibrate
-    (with ``cfg.calibrate``), choose the operating point on the validation slides, test."""
+    """The recipe for one split: build the task (model initialised from ``cfg.seed``), train, keep one of
+    several initialisations (``model.inits``), calibrate (with ``cfg.calibrate``), choose the operating point
+    on the validation slides, test."""
     seed_everything(cfg.seed)
     task = mode.build_task(cfg, cohort, split)
     trainer = Trainer(cfg, task, cohort, out, ctx, callbacks)
@@ -36,6 +38,7 @@ def train_one(cfg: TrainConfig, out: Path, mode: TrainingMode, cohort: Cohort, s
         trainer.setup(resume)
         trainer.train()
         trainer.use_best()
+        choose_init(trainer)
         if cfg.calibrate:
             trainer.calibration = calibrate_best(trainer)
         trainer.operating_point = choose_for_best(trainer)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from slidemil.errors import ConfigError
+from slidemil.models.ensemble import EnsembleHead
 from slidemil.models.mil import HeadConfig, MILHead, create_head
 from slidemil.trainer.config import TrainConfig
 from slidemil.trainer.data import (
@@ -118,6 +119,22 @@ class MILModel(nn.Module):
         see :meth:`slidemil.models.mil.MILHead.auxiliary_loss`."""
         return self.mil_head().auxiliary_loss(labels, k, class_weights)
 
+    def keep_member(self, index: int) -> MILHead:
+        """Replace an ensemble head by its member ``index`` (from now on the model is that single head)."""
+        head = self.mil_head()
+        if not isinstance(head, EnsembleHead):
+            raise ConfigError(f"{type(head).__name__} is not an ensemble of heads")
+        self.head = head.heads()[index]
+        return self.head
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter sets whose gradient norms are clipped each on its own: an ensemble's members, then the
+        rest (a trained backbone); one set for a single head."""
+        members = self.mil_head().independent_parameters()
+        taken = {id(p) for group in members for p in group}
+        rest = [p for p in self.parameters() if id(p) not in taken]
+        return [group for group in (*members, rest) if group]
+
     def set_temperature(self, temperature: float) -> None:
         """Store a calibration temperature in the head (it divides the logits)."""
         self.mil_head().temperature.fill_(float(temperature))
@@ -128,6 +145,6 @@ def build_head(cfg: TrainConfig, in_dim: int, n_classes: int) -> MILHead:
     m = cfg.model
     return create_head(HeadConfig(mil_type=m.mil, in_dim=in_dim, n_classes=n_classes, hidden_dim=m.hidden_dim,
                                   attention_dim=m.attention_dim, dropout=m.dropout, n_heads=m.n_heads,
-                                  landmarks=m.landmarks, pinv_iterations=m.pinv_iterations))
+                                  landmarks=m.landmarks, pinv_iterations=m.pinv_iterations, ensemble=m.inits))
 
 
