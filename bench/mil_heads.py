@@ -11,10 +11,13 @@ Run by hand from the repository root (package installed)::
 Cohorts (``COHORTS``, built once in ``WORK/<cohort>/`` with ``slidemil synth``, ``slidemil tile`` and
 ``slidemil extract --backbone resnet18 --weights random``, then reused by every variant): subtle single
 lesions on 0.5-1 % of the tissue (four synth seeds, 48-64 slides, 8192 or 12288 px), one cohort of larger
-lesions (3 %), and two more subtle cohorts (``holdout...``, 0.5 % and 0.6 %) made after the trainer's
-choice of epoch was taken on the others. Variants (``VARIANTS``): each head with its defaults, ABMIL with
-its max-instance term at 0.5 and without it (earlier defaults), and ABMIL keeping its best validation
-epoch (``--select best``, the earlier rule). Every (cohort, variant, seed) runs ``slidemil train --folds K`` (patient-grouped)
+lesions (3 %), two more subtle cohorts (``holdout05_s4_12k``, ``holdout06_s5``: 0.5 % and 0.6 %) made after
+the trainer's choice of epoch was taken on the others, and one (``holdout05_s6_12k``, 0.5 %) made after the
+choice of initialisation was taken on all of those. Variants (``VARIANTS``): the default (gated ABMIL, five
+initialisations, the one with the lowest validation loss kept), the five averaged, one initialisation (the
+default before ``--inits``), and from one initialisation each: ABMIL with its max-instance term at 0.5 and
+without it (earlier defaults), ABMIL keeping its best validation epoch (``--select best``, the earlier
+rule), and every other head. Every (cohort, variant, seed) runs ``slidemil train --folds K`` (patient-grouped)
 in ``WORK/runs/<cohort>/<variant>/seed<s>/`` and is skipped when its ``cv_summary.csv`` exists; fold
 figures go to ``WORK/results.csv`` and the tables are printed (markdown) and written to
 ``WORK/tables.md``.
@@ -75,19 +78,24 @@ COHORTS = {
     # made after the default's choice of epoch (bench/model_selection.py) was taken on the cohorts above
     "holdout05_s4_12k": Cohort(48, 12288, 0.005, 4),
     "holdout06_s5": Cohort(48, 8192, 0.006, 5),
+    # made after the choice of initialisation (--inits, --init-choice) was taken on all of the above
+    "holdout05_s6_12k": Cohort(48, 12288, 0.005, 6),
 }
 
+# Every variant but the defaults trains one initialisation (``model.inits: 1``), as all did before --inits.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "gated": {"model.mil": "gated"},
-    # the default with the best validation epoch kept (early stopping), the trainer's rule before --select last
-    "gated_select_best": {"model.mil": "gated", "optim.select": "best"},
-    "gated_iw05": {"model.mil": "gated", "loss.instance_weight": 0.5},  # the default before it was measured here
-    "gated_no_instance": {"model.mil": "gated", "loss.instance_weight": 0.0},
-    "simple": {"model.mil": "simple"},
-    "clam_sb": {"model.mil": "clam_sb"},
-    "clam_mb": {"model.mil": "clam_mb"},
-    "dsmil": {"model.mil": "dsmil"},
-    "transmil": {"model.mil": "transmil"},
+    "gated": {"model.mil": "gated"},  # the default: 5 initialisations, the lowest validation loss kept
+    "gated_inits5_average": {"model.mil": "gated", "model.init_choice": "average"},  # all 5, averaged
+    "gated_single": {"model.mil": "gated", "model.inits": 1},  # the default before --inits
+    # the best validation epoch kept (early stopping), the trainer's rule before --select last
+    "gated_select_best": {"model.mil": "gated", "optim.select": "best", "model.inits": 1},
+    "gated_iw05": {"model.mil": "gated", "loss.instance_weight": 0.5, "model.inits": 1},  # the weight before 1.0
+    "gated_no_instance": {"model.mil": "gated", "loss.instance_weight": 0.0, "model.inits": 1},
+    "simple": {"model.mil": "simple", "model.inits": 1},
+    "clam_sb": {"model.mil": "clam_sb", "model.inits": 1},
+    "clam_mb": {"model.mil": "clam_mb", "model.inits": 1},
+    "dsmil": {"model.mil": "dsmil", "model.inits": 1},
+    "transmil": {"model.mil": "transmil", "model.inits": 1},
 }
 
 

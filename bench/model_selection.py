@@ -6,6 +6,9 @@ folder). Each rule then picks its epoch from the validation figures alone, exact
 have stopped and chosen, and is judged on the test slides of the epoch it picked: fold AUC, worst fold,
 and balanced accuracy at the operating threshold the library chooses on that epoch's validation slides.
 One training run per fold serves every rule, so the rules are compared side by side on identical models.
+Each fold trains one initialisation (``model.inits: 1``; ``--set model.inits=5`` records the average of
+five): the choice among initialisations comes after the choice of epoch, and ``bench/mil_heads.py``
+measures it.
 
 Run by hand from the repository root (package installed), on the cohorts of ``bench/mil_heads.py``::
 
@@ -63,7 +66,9 @@ def run_trajectories(work: str, cohort: str, seed: int, folds: int, epochs: int,
     from slidemil.trainer.run import run_training
 
     out = Path(work) / "selection" / tag / cohort / f"seed{seed}"
-    cfg = mil_heads().cv_config(work, cohort, seed, folds, {"optim.epochs": epochs, "optim.patience": 0, **settings})
+    # one initialisation unless --set says otherwise: the epoch is chosen before the initialisation (trainer.inits)
+    cfg = mil_heads().cv_config(work, cohort, seed, folds, {"optim.epochs": epochs, "optim.patience": 0,
+                                                            "model.inits": 1, **settings})
     if not (out / "cv_summary.csv").is_file():
         for fold in out.glob("fold_*"):  # an interrupted fold restarts: its trajectory must hold every epoch
             if not (fold / "test_metrics.json").is_file():
