@@ -199,6 +199,10 @@ def test_the_run_keeps_the_initialisation_with_the_lowest_validation_loss(tmp_pa
     for key, value in kept.state_dict().items():
         assert torch.equal(value, every.members[record["kept"]].state_dict()[key]), key
     assert "operating_point" in meta  # chosen after, on the kept head
+    kept_val = pd.read_csv(result.out / "val_predictions.csv")  # written by the test step, from the kept head
+    from slidemil.evaluation.metrics import compute_metrics
+    expected = compute_metrics(kept_val["label"].to_numpy(), kept_val[["prob_0", "prob_1"]].to_numpy(), ["0", "1"])
+    assert meta["metrics"]["auc"] == pytest.approx(expected["auc"])  # the kept head's figures, not the average's
     (again,) = run_training(cfg, tmp_path / "run", resume=True)
     assert read_checkpoint_meta(again.out / "checkpoint_best")["inits"] == record
     assert again.test_metrics["auc"] == pytest.approx(result.test_metrics["auc"])

@@ -13,7 +13,8 @@ alone) and after training:
   probabilities).
 
 With ``val_loss`` the chosen head becomes ``checkpoint_best`` (a single head: its ``head_config`` has
-``ensemble: 1``) and its record says which one and why (``inits``); the kept epoch's weights of every
+``ensemble: 1``, its ``metrics`` are its own validation figures) and its record says which one and why
+(``inits``); the kept epoch's weights of every
 head stay in ``checkpoint_inits`` so that a resumed, finished run chooses again from the same heads.
 Calibration and the operating point follow on the kept head.
 """
@@ -52,14 +53,15 @@ def choose_init(trainer: Trainer) -> dict[str, Any] | None:
     assert head.config is not None
     trainer.task.meta["head_config"] = head.config.to_dict()
     trainer.best_state = trainer.model.checkpoint_state()
+    metrics, _ = trainer.evaluate("val")  # the kept head's own validation figures (every rank takes part)
     if trainer.ctx.is_main:
-        _save(trainer, all_heads, record)
+        _save(trainer, all_heads, record, metrics)
     log.info("initialisations: kept head %d of %d (validation loss %s)", kept, len(losses),
              ", ".join(f"{v:.3f}" for v in losses))
     return record
 
 
-def _save(trainer: Trainer, all_heads: Any, record: dict[str, Any]) -> None:
+def _save(trainer: Trainer, all_heads: Any, record: dict[str, Any], metrics: dict[str, Any] | None) -> None:
     from slidemil.trainer.loop import BEST, INITS
 
     base = trainer.out / BEST
@@ -70,5 +72,5 @@ def _save(trainer: Trainer, all_heads: Any, record: dict[str, Any]) -> None:
     with ckpt.deferred_termination():
         if not (trainer.out / f"{INITS}.json").is_file():
             ckpt.save_checkpoint(trainer.out / INITS, all_heads, meta)  # first: a kill here loses nothing
-        meta.update(head_config=trainer.task.meta["head_config"], inits=record)
+        meta.update(head_config=trainer.task.meta["head_config"], inits=record, metrics=metrics or {})
         ckpt.save_checkpoint(base, trainer.best_state, meta)
