@@ -2,9 +2,11 @@
 
 A MIL head trained on a few dozen slides can find a lesion of a few tiles in one run and miss it in
 the next: the run that misses learns its training slides by slide-wide differences instead (stain,
-texture), and only a different initialisation tells the two apart. Averaging K independently
-initialised heads removes most of that run-to-run variance (README, "Small lesions"). The members
-share nothing but their input; in training the trainer sums the members' own losses (bag loss of
+texture), and only a different initialisation tells the two apart. The trainer trains K of them
+side by side (``--inits K``) and by default keeps the one with the lowest validation loss
+(:mod:`slidemil.trainer.inits`); averaging them (``--init-choice average``, this head as exported) helps
+less, as a memorising member is as confident as one that found the lesion (README, "Several
+initialisations"). The members share nothing but their input; in training the trainer sums the members' own losses (bag loss of
 :attr:`MILOutput.member_logits` and auxiliary term) and clips each member's gradient on its own
 (:meth:`EnsembleHead.independent_parameters`), so a member learns exactly as it would alone: with
 dropout off, member 0 ends bit for bit where a single head of the same seed does.

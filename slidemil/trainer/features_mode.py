@@ -34,8 +34,8 @@ class FeatureMIL(MILModel):
     """The features-mode model: per-dimension standardised features into the MIL head.
 
     The standardisation (training-set mean and std of each feature) is an affine map before the
-    head's first linear layer (``head.input_layers``: one per ensemble member), so :meth:`checkpoint_state` folds it into that layer: the saved head
-    takes raw features, as the engine gives them.
+    head's first linear layer (``head.input_layers``: one per ensemble member), so :meth:`checkpoint_state` folds it
+    into those layers: the saved head takes raw features, as the engine gives them.
     """
 
     feature_mean: torch.Tensor  # buffers, (D,): training-set mean and 1 / std of each feature
