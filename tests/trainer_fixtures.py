@@ -44,9 +44,13 @@ def _backbone():  # type: ignore[no-untyped-def]
 
 def make_feature_cohort(root: str | Path, n_slides: int = 24, n_classes: int = 2, dim: int = DIM,
                         tiles: tuple[int, int] = (30, 70), n_lesion: int = 4, shift: float = 1.5,
-                        seed: int = 0, slides_per_patient: int = 2, backbone: bool = True) -> Path:
+                        seed: int = 0, slides_per_patient: int = 2, backbone: bool = True,
+                        patient_shift: float = 0.0) -> Path:
     """Write ``root/features/<id>.h5``, ``root/backbone/``, ``root/tiling_config.json`` and
-    ``root/metadata.csv`` (slide_id, label, patient_id); returns ``root``."""
+    ``root/metadata.csv`` (slide_id, label, patient_id); returns ``root``. ``patient_shift`` > 0 adds to
+    every tile of a patient's slides one offset drawn per patient (sd ``patient_shift`` per feature, drawn
+    from its own generator so that the other draws do not change): a look that all of a patient's tiles
+    share, as stain and scanner give."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(n_classes, dim))
@@ -60,11 +64,12 @@ def make_feature_cohort(root: str | Path, n_slides: int = 24, n_classes: int = 2
     rows = []
     n_patients = -(-n_slides // slides_per_patient)
     patient_labels = np.arange(n_patients) % n_classes
+    offsets = np.random.default_rng([seed, 1]).normal(0.0, patient_shift, size=(n_patients, dim))
     for i in range(n_slides):
         sid = f"slide_{i:03d}"
         label = int(patient_labels[i // slides_per_patient])
         n = int(rng.integers(*tiles))
-        feats = rng.normal(size=(n, dim))
+        feats = rng.normal(size=(n, dim)) + offsets[i // slides_per_patient]
         if label > 0:
             lesion = rng.choice(n, size=n_lesion, replace=False)
             feats[lesion] += shift * np.sqrt(dim) * directions[label]

@@ -74,8 +74,8 @@ class InputSpec:
 class MilSpec:
     """The MIL head: type and widths, the temperature folded into its logits, and its outputs.
 
-    ``n_heads``, ``landmarks``, ``pinv_iterations`` (TransMIL), ``outputs`` and ``ensemble`` (heads averaged in
-    ``head.onnx``) were added later: a manifest without them is a single gated or simple head with the four
+    ``n_heads``, ``landmarks``, ``pinv_iterations`` (TransMIL), ``outputs``, ``ensemble`` (heads averaged in
+    ``head.onnx``) and ``slide_contrast`` (in the graph; recorded for the reader) were added later: a manifest without them is a single gated or simple head with the four
     outputs.
     """
 
@@ -90,6 +90,7 @@ class MilSpec:
     pinv_iterations: int = 6
     outputs: tuple[str, ...] = ("logits", "probabilities", "attention", "attention_raw")
     ensemble: int = 1
+    slide_contrast: bool = False
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--init-choice", choices=choices_of(InitChoice),
                    help="what the run keeps of them: the head with the lowest validation loss, or their average "
                    "(val_loss)")
+    m.add_argument("--slide-contrast", action="store_true", default=None,
+                   help="ABMIL: classify each slide by how its attended tiles differ from its own mean tile (off)")
     m.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                    help="feed raw features (default: standardised with training-set statistics)")
     b = p.add_argument_group("end-to-end backbone")
@@ -136,7 +138,7 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "model.mil": args.mil, "model.hidden_dim": args.hidden_dim, "model.dropout": args.dropout,
         "model.attention_dim": args.attention_dim, "model.n_heads": args.n_heads, "model.landmarks": args.landmarks,
         "model.pinv_iterations": args.pinv_iterations, "model.standardize": args.standardize,
-        "model.inits": args.inits, "model.init_choice": args.init_choice,
+        "model.inits": args.inits, "model.init_choice": args.init_choice, "model.slide_contrast": args.slide_contrast,
         "loss.name": args.loss, "loss.focal_gamma": args.focal_gamma, "loss.class_weights": args.class_weights,
         "loss.weighted_sampling": args.weighted_sampling, "loss.label_smoothing": args.label_smoothing,
         "loss.instance_weight": args.instance_weight, "loss.instance_k": args.instance_k,

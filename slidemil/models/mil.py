@@ -55,8 +55,12 @@ class HeadConfig:
         pinv_iterations: TransMIL: iterations of the Moore-Penrose pseudo-inverse.
         ensemble: heads of this kind trained side by side and averaged into one prediction
             (:mod:`slidemil.models.ensemble`); 1: a single head.
+        slide_contrast: ABMIL (``gated``, ``simple``): classify each slide by how its attended tiles differ
+            from its own mean tile (the pooled embedding minus the bag's mean embedding), and score the
+            max-instance term on each tile's logits relative to its bag's mean; what every tile of a slide
+            shares (stain, scanner, patient) then cannot carry the prediction (README, "Slide contrast").
 
-    The TransMIL fields and ``ensemble`` have defaults, so records written before they existed still load.
+    The TransMIL fields, ``ensemble`` and ``slide_contrast`` have defaults, so records written before they existed still load.
     """
 
     mil_type: str = "gated"
@@ -69,6 +73,7 @@ class HeadConfig:
     landmarks: int = 128
     pinv_iterations: int = 6
     ensemble: int = 1
+    slide_contrast: bool = False
 
     def __post_init__(self) -> None:
         _load_heads()
@@ -81,6 +86,8 @@ class HeadConfig:
             raise ConfigError(f"HeadConfig.n_classes must be >= 2 (binary = 2 classes), got {self.n_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"HeadConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.slide_contrast and self.mil_type not in ("gated", "simple"):
+            raise ConfigError(f"slide_contrast is an option of the ABMIL heads (gated, simple), not {self.mil_type}")
         if self.mil_type == "transmil" and self.hidden_dim % self.n_heads:
             raise ConfigError(f"transmil: hidden_dim {self.hidden_dim} must be a multiple of n_heads {self.n_heads}")
 
@@ -216,15 +223,19 @@ class AttentionMIL(MILHead):
         attention_dim: attention network width.
         dropout: dropout after the projection.
         gated: gated attention (tanh * sigmoid) if True, else simple (tanh).
+        contrast: slide contrast (:attr:`HeadConfig.slide_contrast`): the classifier sees the pooled
+            embedding minus the bag's mean embedding, so the bag logits are the attention-weighted mean of
+            the tiles' logits relative to the mean tile, and the max-instance term ranks tiles by their logits
+            relative to their bag's mean.
     """
 
     default_instance_weight = 1.0  # README, Benchmarks, "MIL heads on small lesions": 6 of 8 small-lesion runs on target, 4 at 0.5
     default_instance_k = 1
 
     def __init__(self, in_dim: int, n_classes: int, hidden_dim: int = 256, attention_dim: int = 128,
-                 dropout: float = 0.25, gated: bool = True) -> None:
+                 dropout: float = 0.25, gated: bool = True, contrast: bool = False) -> None:
         super().__init__(in_dim, n_classes)
-        self.gated = gated
+        self.gated, self.contrast = gated, contrast
         self.projection = projection(in_dim, hidden_dim, dropout)
         self.attention_v = nn.Linear(hidden_dim, attention_dim)
         self.attention_u = nn.Linear(hidden_dim, attention_dim) if gated else None
@@ -250,6 +261,8 @@ class AttentionMIL(MILHead):
         if mask is not None:
             h = h.masked_fill(~mask.unsqueeze(-1), 0.0)  # padding never leaks in, even as NaN
         pooled = torch.bmm(weights.unsqueeze(1), h).squeeze(1)  # (B, hidden)
+        if self.contrast:
+            pooled = pooled - bag_mean(h, mask)  # what every tile of the slide shares cancels
         logits = self.classifier(pooled) / self.temperature
         self._keep(h=h, mask=_full_mask(features, mask))
         return MILOutput(logits, weights, raw)
@@ -259,9 +272,13 @@ class AttentionMIL(MILHead):
 
         The classifier is linear and the attention weights sum to 1, so the bag logits are exactly
         the attention-weighted mean of these: they need no parameters of their own, and the
-        exported head stays as it is.
+        exported head stays as it is. With slide contrast each tile's embedding is taken relative to
+        its bag's mean (features of one unpadded bag per row).
         """
-        return self.classifier(self.projection(features)) / self.temperature
+        h = self.projection(features)
+        if self.contrast:
+            h = h - bag_mean(h, None).unsqueeze(1)
+        return self.classifier(h) / self.temperature
 
     def auxiliary_loss(self, labels: torch.Tensor, k: int | None = None,
                        class_weights: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -269,7 +286,15 @@ class AttentionMIL(MILHead):
         kept = self._take()
         instance_logits = self.classifier(kept["h"]) / self.temperature
         return max_instance_loss(instance_logits.float(), kept["mask"], labels, k or self.default_instance_k,
-                                 class_weights)
+                                 class_weights, relative=self.contrast)
+
+
+def bag_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, N, F) -> (B, F): the mean over each bag's real instances (``mask`` (B, N); None: all)."""
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x.masked_fill(~mask.unsqueeze(-1), 0.0) * m).sum(dim=1) / m.sum(dim=1)
 
 
 def _full_mask(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -277,7 +302,7 @@ def _full_mask(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 
 def max_instance_loss(instance_logits: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, k: int = 1,
-                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
+                      class_weights: torch.Tensor | None = None, relative: bool = False) -> torch.Tensor:
     """Max-pooling multiple-instance loss on per-tile logits (the mi-Net rule of MIL).
 
     For each bag and class, the mean logit of the bag's ``k`` tiles that score highest for that
@@ -292,9 +317,13 @@ def max_instance_loss(instance_logits: torch.Tensor, mask: torch.Tensor, labels:
         labels: int64 (B,).
         k: tiles pooled per class.
         class_weights: optional (C,) weights, as in the bag loss.
+        relative: rank and pool each tile's logits minus its bag's mean logits (slide contrast): a
+            slide-wide shift of the logits then changes nothing, only tiles that stand out from their slide.
     """
     assert instance_logits.ndim == 3 and mask.shape == instance_logits.shape[:2], (instance_logits.shape, mask.shape)
     k = max(1, min(k, int(mask.sum(dim=1).min())))
+    if relative:
+        instance_logits = instance_logits - bag_mean(instance_logits, mask).unsqueeze(1)
     scores = instance_logits.masked_fill(~mask.unsqueeze(-1), float("-inf"))
     pooled = scores.topk(k, dim=1).values.mean(dim=1)  # (B, C)
     return nn.functional.cross_entropy(pooled, labels, weight=class_weights)
@@ -375,13 +404,13 @@ def _head_args(cfg: HeadConfig) -> dict[str, Any]:
 @register_head("gated")
 def gated_attention(cfg: HeadConfig) -> AttentionMIL:
     """Gated attention: w = W(tanh(V h) * sigmoid(U h))."""
-    return AttentionMIL(**_head_args(cfg), gated=True)
+    return AttentionMIL(**_head_args(cfg), gated=True, contrast=cfg.slide_contrast)
 
 
 @register_head("simple")
 def simple_attention(cfg: HeadConfig) -> AttentionMIL:
     """Simple attention: w = W tanh(V h)."""
-    return AttentionMIL(**_head_args(cfg), gated=False)
+    return AttentionMIL(**_head_args(cfg), gated=False, contrast=cfg.slide_contrast)
 
 
 def create_head(cfg: HeadConfig) -> MILHead:

@@ -95,6 +95,9 @@ class ModelConfig:
             with the lowest validation loss at the kept epoch (a head that learnt its training slides by
             slide-wide differences instead of the lesion is confidently wrong on some validation slides);
             ``average``, all of them, exported as one head that averages them.
+        slide_contrast: ABMIL only: classify each slide by how its attended tiles differ from its own
+            mean tile, so that what all of a slide's tiles share (stain, scanner, patient) cannot carry the
+            prediction (:attr:`slidemil.models.mil.HeadConfig.slide_contrast`; README, "Slide contrast").
     """
 
     mil: MilType = "gated"
@@ -107,6 +110,7 @@ class ModelConfig:
     standardize: bool = True
     inits: int = 5
     init_choice: InitChoice = "val_loss"
+    slide_contrast: bool = False
 
     def __post_init__(self) -> None:
         if self.inits < 1:

@@ -145,6 +145,7 @@ def build_head(cfg: TrainConfig, in_dim: int, n_classes: int) -> MILHead:
     m = cfg.model
     return create_head(HeadConfig(mil_type=m.mil, in_dim=in_dim, n_classes=n_classes, hidden_dim=m.hidden_dim,
                                   attention_dim=m.attention_dim, dropout=m.dropout, n_heads=m.n_heads,
-                                  landmarks=m.landmarks, pinv_iterations=m.pinv_iterations, ensemble=m.inits))
+                                  landmarks=m.landmarks, pinv_iterations=m.pinv_iterations, ensemble=m.inits,
+                                  slide_contrast=m.slide_contrast))
 
 
