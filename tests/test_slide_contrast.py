@@ -86,22 +86,26 @@ def test_onnx_parity(tmp_path: Path) -> None:
 
 def test_a_contrast_head_learns_through_the_trainer_and_is_saved_as_one(tmp_path: Path) -> None:
     """Patients' slides share a look (an offset on every tile, sd 1 per feature); lesions of 4 tiles. The
-    contrast head learns as the default does on such a cohort, and its checkpoint rebuilds a contrast head."""
+    contrast head learns as the default does on such a cohort, and the head kept of two initialisations is
+    saved and rebuilt as a contrast head."""
     from slidemil.artifacts.checkpoint import load_head
     from slidemil.trainer.run import run_training
     from tests.trainer_fixtures import fast_config, make_feature_cohort
 
     root = make_feature_cohort(tmp_path / "cohort", n_slides=40, patient_shift=1.0)
-    (result,) = run_training(fast_config(root, **{"model.slide_contrast": True, "model.inits": 1}), tmp_path / "run")
+    (result,) = run_training(fast_config(root, **{"model.slide_contrast": True, "model.inits": 2}), tmp_path / "run")
     assert result.val_metrics["auc"] >= 0.95 and result.test_metrics["auc"] >= 0.95
     assert result.test_metrics["balanced_accuracy"] >= 0.8
     head, meta = load_head(tmp_path / "run" / "checkpoint_best")
     assert isinstance(head, AttentionMIL) and head.contrast and meta["head_config"]["slide_contrast"] is True
+    assert meta["head_config"]["ensemble"] == 1 and meta["inits"]["n"] == 2
 
 
 def test_configuration() -> None:
     with pytest.raises(ConfigError, match="slide_contrast"):
         HeadConfig(mil_type="clam_sb", in_dim=D, slide_contrast=True)
+    with pytest.raises(ConfigError, match="--mil gated or simple"):  # before any data is read
+        load_config(TrainConfig, None, {"model.slide_contrast": True, "model.mil": "transmil"})
     cfg = load_config(TrainConfig, None, {"model.slide_contrast": True, "model.inits": 1})
     head = build_head(cfg, D, 2)
     assert isinstance(head, AttentionMIL) and head.contrast and head.config is not None

@@ -293,8 +293,8 @@ def bag_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(B, N, F) -> (B, F): the mean over each bag's real instances (``mask`` (B, N); None: all)."""
     if mask is None:
         return x.mean(dim=1)
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x.masked_fill(~mask.unsqueeze(-1), 0.0) * m).sum(dim=1) / m.sum(dim=1)
+    # masked_fill, not a product with the mask: padding may hold NaN
+    return x.masked_fill(~mask.unsqueeze(-1), 0.0).sum(dim=1) / mask.sum(dim=1, keepdim=True).to(x.dtype)
 
 
 def _full_mask(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

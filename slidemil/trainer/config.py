@@ -113,6 +113,9 @@ class ModelConfig:
     slide_contrast: bool = False
 
     def __post_init__(self) -> None:
+        if self.slide_contrast and self.mil not in ("gated", "simple"):
+            raise ConfigError(f"--slide-contrast is an option of the ABMIL heads: use --mil gated or simple "
+                              f"(got {self.mil})")
         if self.inits < 1:
             raise ConfigError(f"model.inits must be >= 1 (heads trained from their own initialisations), got "
                               f"{self.inits}")
