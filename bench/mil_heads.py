@@ -14,8 +14,9 @@ lesions on 0.5-1 % of the tissue (four synth seeds, 48-64 slides, 8192 or 12288 
 lesions (3 %), two more subtle cohorts (``holdout05_s4_12k``, ``holdout06_s5``: 0.5 % and 0.6 %) made after
 the trainer's choice of epoch was taken on the others, and one (``holdout05_s6_12k``, 0.5 %) made after the
 choice of initialisation was taken on all of those. Variants (``VARIANTS``): the default (gated ABMIL, five
-initialisations, the one with the lowest validation loss kept), the five averaged, the default with
-``--slide-contrast``, one initialisation (the default before ``--inits``), and from one initialisation each: ABMIL with its max-instance term at 0.5 and
+initialisations of which two are slide-contrast heads, the one with the lowest validation loss kept), five
+plain heads (the default before ``--slide-contrast auto``), five contrast heads (``--slide-contrast on``),
+five plain heads averaged, one initialisation (the default before ``--inits``), and from one initialisation each: ABMIL with its max-instance term at 0.5 and
 without it (earlier defaults), ABMIL keeping its best validation epoch (``--select best``, the earlier
 rule), and every other head. Every (cohort, variant, seed) runs ``slidemil train --folds K`` (patient-grouped)
 in ``WORK/runs/<cohort>/<variant>/seed<s>/`` and is skipped when its ``cv_summary.csv`` exists; fold
@@ -84,11 +85,15 @@ COHORTS = {
 
 # Every variant but the defaults trains one initialisation (``model.inits: 1``), as all did before --inits.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "gated": {"model.mil": "gated"},  # the default: 5 initialisations, the lowest validation loss kept
-    "gated_inits5_average": {"model.mil": "gated", "model.init_choice": "average"},  # all 5, averaged
+    # the default: 5 initialisations, 2 of them slide-contrast heads (--slide-contrast auto), the lowest
+    # validation loss kept
+    "gated": {"model.mil": "gated"},
+    # 5 plain heads: the default before --slide-contrast auto
+    "gated_plain": {"model.mil": "gated", "model.slide_contrast": "off"},
+    # 5 slide-contrast heads: the attended tiles against the slide's own mean tile
+    "gated_contrast": {"model.mil": "gated", "model.slide_contrast": "on"},
+    "gated_inits5_average": {"model.mil": "gated", "model.init_choice": "average"},  # 5 plain heads, averaged
     "gated_single": {"model.mil": "gated", "model.inits": 1},  # the default before --inits
-    # --slide-contrast: the attended tiles against the slide's own mean tile (5 initialisations, as the default)
-    "gated_contrast": {"model.mil": "gated", "model.slide_contrast": True},
     # the best validation epoch kept (early stopping), the trainer's rule before --select last
     "gated_select_best": {"model.mil": "gated", "optim.select": "best", "model.inits": 1},
     "gated_iw05": {"model.mil": "gated", "loss.instance_weight": 0.5, "model.inits": 1},  # the weight before 1.0

@@ -71,6 +71,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return tuple(_coerce(args[0], v, where) for v in value)
         return tuple(value)
     if origin is typing.Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 (PyYAML) reads on and off as booleans
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value

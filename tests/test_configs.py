@@ -62,6 +62,18 @@ def test_train_command_sets_every_head_option() -> None:
     assert (cfg.loss.instance_weight, cfg.loss.instance_k) == (0.0, 3)
 
 
+def test_train_command_sets_slide_contrast() -> None:
+    from slidemil.cli import build_parser
+    from slidemil.cli.train import load_train_config
+
+    def contrast(*extra: str) -> str:
+        return load_train_config(build_parser().parse_args(["train", "--out", "x", *extra])).model.slide_contrast
+
+    assert contrast() == "auto"
+    assert contrast("--slide-contrast") == "on"  # the flag alone, as before auto existed
+    assert contrast("--slide-contrast", "off") == "off" and contrast("--slide-contrast", "auto") == "auto"
+
+
 def test_train_command_chooses_the_kept_epoch() -> None:
     from slidemil.cli import build_parser
     from slidemil.cli.train import load_train_config

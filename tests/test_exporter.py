@@ -109,7 +109,7 @@ def test_manifest_carries_what_the_engine_needs(exported):
     assert m["mil"] == {"type": "gated", "in_dim": 96, "n_classes": 2, "hidden_dim": 32, "attention_dim": 16,
                         "temperature": 1.5, "n_heads": 8, "landmarks": 128, "pinv_iterations": 6,
                         "outputs": ["logits", "probabilities", "attention", "attention_raw"], "ensemble": 1,
-                        "slide_contrast": False}
+                        "slide_contrast": False, "member_contrast": []}
     assert m["operating_point"] is None  # the checkpoint records none
     assert m["opset"] == 18 and m["graphs"]["backbone"] == {"fp32": "backbone.onnx", "fp16": "backbone_fp16.onnx"}
     assert {"slidemil", "torch", "onnx", "onnxruntime", "timm"} <= set(m["library_versions"])

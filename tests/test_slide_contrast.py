@@ -1,7 +1,9 @@
 """Slide contrast (``--slide-contrast``): ABMIL classifying its attended tiles relative to the slide's mean tile.
 
 What every tile of a slide shares cannot move the prediction; a lesion of a few tiles that stands out from
-its own slide still does, where a head without it learns the slides by what they share."""
+its own slide still does, where a head without it learns the slides by what they share. A class that shows
+in every tile (a subtype) gives such a head little to go on: the default (``auto``) trains both kinds and
+keeps the one with the lowest validation loss."""
 
 from __future__ import annotations
 
@@ -93,21 +95,75 @@ def test_a_contrast_head_learns_through_the_trainer_and_is_saved_as_one(tmp_path
     from tests.trainer_fixtures import fast_config, make_feature_cohort
 
     root = make_feature_cohort(tmp_path / "cohort", n_slides=40, patient_shift=1.0)
-    (result,) = run_training(fast_config(root, **{"model.slide_contrast": True, "model.inits": 2}), tmp_path / "run")
+    (result,) = run_training(fast_config(root, **{"model.slide_contrast": "on", "model.inits": 2}), tmp_path / "run")
     assert result.val_metrics["auc"] >= 0.95 and result.test_metrics["auc"] >= 0.95
     assert result.test_metrics["balanced_accuracy"] >= 0.8
     head, meta = load_head(tmp_path / "run" / "checkpoint_best")
     assert isinstance(head, AttentionMIL) and head.contrast and meta["head_config"]["slide_contrast"] is True
     assert meta["head_config"]["ensemble"] == 1 and meta["inits"]["n"] == 2
+    assert meta["inits"]["slide_contrast"] == [True, True]
+
+
+def test_auto_trains_both_kinds_and_keeps_a_plain_head_when_the_class_is_slide_wide(tmp_path: Path) -> None:
+    """Every tile of a positive slide carries the class (as a tumour subtype does): the contrast heads have
+    little to go on and end with far higher validation losses than the plain ones, so the default keeps a
+    plain head, which classifies the test slides."""
+    from slidemil.artifacts.checkpoint import load_head
+    from slidemil.trainer.run import run_training
+    from tests.trainer_fixtures import fast_config, make_feature_cohort
+
+    root = make_feature_cohort(tmp_path / "cohort", n_slides=40, slide_wide=True, shift=0.3)
+    (result,) = run_training(fast_config(root), tmp_path / "run")  # the default: auto, 5 initialisations
+    assert result.test_metrics["auc"] >= 0.95 and result.test_metrics["balanced_accuracy"] >= 0.9
+    head, meta = load_head(tmp_path / "run" / "checkpoint_best")
+    record = meta["inits"]
+    assert record["slide_contrast"] == [False, True, False, True, False]
+    assert not record["slide_contrast"][record["kept"]]
+    assert isinstance(head, AttentionMIL) and not head.contrast and meta["head_config"]["slide_contrast"] is False
+    losses = dict(zip(record["val_loss"], record["slide_contrast"], strict=True))
+    assert max(v for v, c in losses.items() if not c) < min(v for v, c in losses.items() if c) / 10
+
+
+def test_a_mixed_ensemble_builds_each_member_as_recorded() -> None:
+    cfg = HeadConfig(mil_type="simple", in_dim=D, hidden_dim=8, attention_dim=4, ensemble=3,
+                     member_contrast=(False, True, False))
+    head = create_head(cfg)
+    assert [m.contrast for m in head.heads()] == [False, True, False]  # type: ignore[attr-defined]
+    assert [m.config.slide_contrast for m in head.heads()] == [False, True, False]  # what keep_member saves
+    again = HeadConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.members_contrast() == (False, True, False)
+    with pytest.raises(ConfigError, match="each of the 3 members"):
+        HeadConfig(mil_type="gated", in_dim=D, ensemble=3, member_contrast=(False, True))
+    with pytest.raises(ConfigError, match="slide_contrast"):
+        HeadConfig(mil_type="dsmil", in_dim=D, ensemble=2, member_contrast=(False, True))
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({}, (False, True, False, True, False)),  # the default: auto, 5 initialisations, the validation loss keeps one
+    ({"model.inits": 1}, (False,)),  # nothing to choose between
+    ({"model.init_choice": "average"}, (False,) * 5),  # kept together: no choice
+    ({"model.mil": "clam_sb"}, (False,) * 5),
+    ({"model.slide_contrast": "on", "model.inits": 2}, (True, True)),
+    ({"model.slide_contrast": "off"}, (False,) * 5),
+    ({"model.slide_contrast": True, "model.inits": 3}, (True,) * 3),  # YAML 1.1 reads on and off as booleans
+    ({"model.slide_contrast": False}, (False,) * 5),
+])
+def test_auto_resolves_to_both_kinds_only_where_the_validation_loss_chooses(overrides: dict,
+                                                                            expected: tuple[bool, ...]) -> None:
+    assert load_config(TrainConfig, None, overrides).model.member_contrast() == expected
 
 
 def test_configuration() -> None:
     with pytest.raises(ConfigError, match="slide_contrast"):
         HeadConfig(mil_type="clam_sb", in_dim=D, slide_contrast=True)
     with pytest.raises(ConfigError, match="--mil gated or simple"):  # before any data is read
-        load_config(TrainConfig, None, {"model.slide_contrast": True, "model.mil": "transmil"})
-    cfg = load_config(TrainConfig, None, {"model.slide_contrast": True, "model.inits": 1})
+        load_config(TrainConfig, None, {"model.slide_contrast": "on", "model.mil": "transmil"})
+    cfg = load_config(TrainConfig, None, {"model.slide_contrast": "on", "model.inits": 1})
     head = build_head(cfg, D, 2)
     assert isinstance(head, AttentionMIL) and head.contrast and head.config is not None
     assert HeadConfig.from_dict(head.config.to_dict()).slide_contrast
-    assert not HeadConfig.from_dict({"mil_type": "gated", "in_dim": D}).slide_contrast  # older records
+    older = HeadConfig.from_dict({"mil_type": "gated", "in_dim": D, "ensemble": 2})  # records before both fields
+    assert not older.slide_contrast and older.members_contrast() == (False, False)
+    mixed = build_head(load_config(TrainConfig, None, {"model.inits": 3}), D, 2)  # auto
+    assert mixed.config is not None and mixed.config.member_contrast == (False, True, False)
+    assert not mixed.config.slide_contrast

@@ -45,12 +45,13 @@ def _backbone():  # type: ignore[no-untyped-def]
 def make_feature_cohort(root: str | Path, n_slides: int = 24, n_classes: int = 2, dim: int = DIM,
                         tiles: tuple[int, int] = (30, 70), n_lesion: int = 4, shift: float = 1.5,
                         seed: int = 0, slides_per_patient: int = 2, backbone: bool = True,
-                        patient_shift: float = 0.0) -> Path:
+                        patient_shift: float = 0.0, slide_wide: bool = False) -> Path:
     """Write ``root/features/<id>.h5``, ``root/backbone/``, ``root/tiling_config.json`` and
     ``root/metadata.csv`` (slide_id, label, patient_id); returns ``root``. ``patient_shift`` > 0 adds to
     every tile of a patient's slides one offset drawn per patient (sd ``patient_shift`` per feature, drawn
     from its own generator so that the other draws do not change): a look that all of a patient's tiles
-    share, as stain and scanner give."""
+    share, as stain and scanner give. ``slide_wide``: the class shows in every tile of a slide (as a tumour
+    subtype does), not in ``n_lesion`` of them."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(n_classes, dim))
@@ -71,7 +72,7 @@ def make_feature_cohort(root: str | Path, n_slides: int = 24, n_classes: int = 2
         n = int(rng.integers(*tiles))
         feats = rng.normal(size=(n, dim)) + offsets[i // slides_per_patient]
         if label > 0:
-            lesion = rng.choice(n, size=n_lesion, replace=False)
+            lesion = np.arange(n) if slide_wide else rng.choice(n, size=n_lesion, replace=False)
             feats[lesion] += shift * np.sqrt(dim) * directions[label]
         write_bag(root / "features" / f"{sid}.h5", sid, feats, sha)
         rows.append({"slide_id": sid, "label": label, "patient_id": f"p{i // slides_per_patient:03d}"})

@@ -75,8 +75,8 @@ class MilSpec:
     """The MIL head: type and widths, the temperature folded into its logits, and its outputs.
 
     ``n_heads``, ``landmarks``, ``pinv_iterations`` (TransMIL), ``outputs``, ``ensemble`` (heads averaged in
-    ``head.onnx``) and ``slide_contrast`` (in the graph; recorded for the reader) were added later: a manifest without them is a single gated or simple head with the four
-    outputs.
+    ``head.onnx``), ``slide_contrast`` and ``member_contrast`` (in the graph; recorded for the reader) were added
+    later: a manifest without them is a single gated or simple head with the four outputs.
     """
 
     type: str
@@ -91,6 +91,7 @@ class MilSpec:
     outputs: tuple[str, ...] = ("logits", "probabilities", "attention", "attention_raw")
     ensemble: int = 1
     slide_contrast: bool = False
+    member_contrast: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ class Package:
         mil = self.manifest.mil
         return HeadConfig(mil_type=mil.type, in_dim=mil.in_dim, n_classes=mil.n_classes,
                           hidden_dim=mil.hidden_dim, attention_dim=mil.attention_dim, n_heads=mil.n_heads,
-                          landmarks=mil.landmarks, pinv_iterations=mil.pinv_iterations, ensemble=mil.ensemble)
+                          landmarks=mil.landmarks, pinv_iterations=mil.pinv_iterations, ensemble=mil.ensemble,
+                          slide_contrast=mil.slide_contrast, member_contrast=mil.member_contrast)
 
     def precisions(self, kind: str = "backbone", fmt: str = "onnx") -> tuple[str, ...]:
         """Precisions present for a graph kind, as ONNX graphs or TensorRT engines."""

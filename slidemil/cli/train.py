@@ -15,6 +15,7 @@ from slidemil.choices import (
     MilType,
     Scheduler,
     SelectRule,
+    SlideContrast,
     TrainingMode,
     choices_of,
 )
@@ -56,8 +57,10 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--init-choice", choices=choices_of(InitChoice),
                    help="what the run keeps of them: the head with the lowest validation loss, or their average "
                    "(val_loss)")
-    m.add_argument("--slide-contrast", action="store_true", default=None,
-                   help="ABMIL: classify each slide by how its attended tiles differ from its own mean tile (off)")
+    m.add_argument("--slide-contrast", nargs="?", const="on", choices=choices_of(SlideContrast),
+                   help="ABMIL heads that classify each slide by how its attended tiles differ from its own mean "
+                   "tile: on (alone: on), off, or auto: every second initialisation, the validation loss "
+                   "choosing the kind (auto)")
     m.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                    help="feed raw features (default: standardised with training-set statistics)")
     b = p.add_argument_group("end-to-end backbone")

@@ -221,7 +221,8 @@ def build_package(src: ExportSource, root: Path, cfg: ExportConfig) -> Manifest:
     mil = MilSpec(type=hc.mil_type, in_dim=hc.in_dim, n_classes=hc.n_classes, hidden_dim=hc.hidden_dim,
                   attention_dim=hc.attention_dim, temperature=float(src.head.temperature), n_heads=hc.n_heads,
                   landmarks=hc.landmarks, pinv_iterations=hc.pinv_iterations, outputs=head.output_names,
-                  ensemble=hc.ensemble, slide_contrast=hc.slide_contrast)
+                  ensemble=hc.ensemble, slide_contrast=hc.slide_contrast,
+                  member_contrast=hc.member_contrast)
     normalisation = {"scale": 1 / 255, "mean": list(src.card.mean), "std": list(src.card.std),
                      "formula": "(x / 255 - mean) / std, per RGB channel"}
     return Manifest(

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from slidemil import config
+from slidemil.choices import CONTRAST_HEADS
 from slidemil.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,12 @@ class HeadConfig:
             from its own mean tile (the pooled embedding minus the bag's mean embedding), and score the
             max-instance term on each tile's logits relative to its bag's mean; what every tile of a slide
             shares (stain, scanner, patient) then cannot carry the prediction (README, "Slide contrast").
+        member_contrast: an ensemble of ABMIL heads of both kinds: ``slide_contrast`` of each member (as many
+            as ``ensemble``; ``slide_contrast`` is then false); empty: every member follows ``slide_contrast``.
+            The trainer's ``slide_contrast: auto`` trains such ensembles and keeps one member.
 
-    The TransMIL fields, ``ensemble`` and ``slide_contrast`` have defaults, so records written before they existed still load.
+    The TransMIL fields, ``ensemble``, ``slide_contrast`` and ``member_contrast`` have defaults, so records written
+    before they existed still load.
     """
 
     mil_type: str = "gated"
@@ -74,6 +79,7 @@ class HeadConfig:
     pinv_iterations: int = 6
     ensemble: int = 1
     slide_contrast: bool = False
+    member_contrast: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         _load_heads()
@@ -86,10 +92,17 @@ class HeadConfig:
             raise ConfigError(f"HeadConfig.n_classes must be >= 2 (binary = 2 classes), got {self.n_classes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"HeadConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.slide_contrast and self.mil_type not in ("gated", "simple"):
+        if (self.slide_contrast or any(self.member_contrast)) and self.mil_type not in CONTRAST_HEADS:
             raise ConfigError(f"slide_contrast is an option of the ABMIL heads (gated, simple), not {self.mil_type}")
+        if self.member_contrast and (len(self.member_contrast) != self.ensemble or self.slide_contrast):
+            raise ConfigError(f"HeadConfig.member_contrast must name each of the {self.ensemble} members (and "
+                              f"slide_contrast be false), got {list(self.member_contrast)}")
         if self.mil_type == "transmil" and self.hidden_dim % self.n_heads:
             raise ConfigError(f"transmil: hidden_dim {self.hidden_dim} must be a multiple of n_heads {self.n_heads}")
+
+    def members_contrast(self) -> tuple[bool, ...]:
+        """Slide contrast of each of the ``ensemble`` heads."""
+        return self.member_contrast or (self.slide_contrast,) * self.ensemble
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe form."""
@@ -422,7 +435,7 @@ def create_head(cfg: HeadConfig) -> MILHead:
     else:
         from slidemil.models.ensemble import EnsembleHead
 
-        single = dataclasses.replace(cfg, ensemble=1)
-        head = EnsembleHead([create_head(single) for _ in range(cfg.ensemble)])
+        head = EnsembleHead([create_head(dataclasses.replace(cfg, ensemble=1, member_contrast=(), slide_contrast=c))
+                             for c in cfg.members_contrast()])
     head.config = cfg
     return head

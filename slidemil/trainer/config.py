@@ -13,6 +13,7 @@ from typing import Any
 
 from slidemil import config as _config
 from slidemil.choices import (
+    CONTRAST_HEADS,
     AmpDtype,
     BatchNormMode,
     InitChoice,
@@ -20,6 +21,7 @@ from slidemil.choices import (
     MilType,
     Scheduler,
     SelectRule,
+    SlideContrast,
     TrainingMode,
 )
 from slidemil.errors import ConfigError
@@ -95,9 +97,15 @@ class ModelConfig:
             with the lowest validation loss at the kept epoch (a head that learnt its training slides by
             slide-wide differences instead of the lesion is confidently wrong on some validation slides);
             ``average``, all of them, exported as one head that averages them.
-        slide_contrast: ABMIL only: classify each slide by how its attended tiles differ from its own
-            mean tile, so that what all of a slide's tiles share (stain, scanner, patient) cannot carry the
-            prediction (:attr:`slidemil.models.mil.HeadConfig.slide_contrast`; README, "Slide contrast").
+        slide_contrast: ABMIL only: heads that classify each slide by how its attended tiles differ from
+            its own mean tile, so that what all of a slide's tiles share (stain, scanner, patient) cannot carry
+            the prediction (:attr:`slidemil.models.mil.HeadConfig.slide_contrast`; README, "Slide contrast").
+            ``on``: every initialisation; ``off``: none; ``auto`` (default): with ``inits`` >= 2 and
+            ``init_choice: val_loss``, every second initialisation (1, 3, ...) is a contrast head and the
+            validation loss chooses between the two kinds, so that a lesion task gets a contrast head when the
+            plain ones learnt the patients, and a task whose class is slide-wide (subtyping, where a contrast
+            head sees nothing) gets a plain one; otherwise (one initialisation, their average, other heads)
+            none. :meth:`member_contrast` resolves it.
     """
 
     mil: MilType = "gated"
@@ -110,15 +118,24 @@ class ModelConfig:
     standardize: bool = True
     inits: int = 5
     init_choice: InitChoice = "val_loss"
-    slide_contrast: bool = False
+    slide_contrast: SlideContrast = "auto"
 
     def __post_init__(self) -> None:
-        if self.slide_contrast and self.mil not in ("gated", "simple"):
-            raise ConfigError(f"--slide-contrast is an option of the ABMIL heads: use --mil gated or simple "
+        if self.slide_contrast == "on" and self.mil not in CONTRAST_HEADS:
+            raise ConfigError(f"--slide-contrast on is an option of the ABMIL heads: use --mil gated or simple "
                               f"(got {self.mil})")
         if self.inits < 1:
             raise ConfigError(f"model.inits must be >= 1 (heads trained from their own initialisations), got "
                               f"{self.inits}")
+
+    def member_contrast(self) -> tuple[bool, ...]:
+        """Whether each of the ``inits`` heads is a slide-contrast head (resolves ``slide_contrast: auto``)."""
+        if self.slide_contrast == "on":
+            return (True,) * self.inits
+        if (self.slide_contrast == "off" or self.mil not in CONTRAST_HEADS or self.inits < 2
+                or self.init_choice != "val_loss"):
+            return (False,) * self.inits
+        return tuple(i % 2 == 1 for i in range(self.inits))
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,14 @@ alone) and after training:
 - ``average``: keeps all of them as one head that averages them (the geometric mean of their
   probabilities).
 
+With ``val_loss`` and ``model.slide_contrast: auto`` (the default for ABMIL) every second head (1, 3, ...) is a
+slide-contrast head (:attr:`slidemil.models.mil.HeadConfig.slide_contrast`), and the same rule chooses between the
+kinds: a contrast head where the plain ones learnt the patients' slide-wide look instead of a small lesion, a
+plain head where the class itself is slide-wide (a subtype) and the contrast heads have little to go on.
+
 With ``val_loss`` the chosen head becomes ``checkpoint_best`` (a single head: its ``head_config`` has
 ``ensemble: 1``, its ``metrics`` are its own validation figures) and its record says which one and why
-(``inits``); the kept epoch's weights of every
+(``inits``, with each head's kind); the kept epoch's weights of every
 head stay in ``checkpoint_inits`` so that a resumed, finished run chooses again from the same heads.
 Calibration and the operating point follow on the kept head.
 """
@@ -46,8 +51,11 @@ def choose_init(trainer: Trainer) -> dict[str, Any] | None:
         return None
     losses = trainer.member_losses("val")
     kept = int(losses.argmin())
+    ensemble_config = trainer.model.mil_head().config
+    assert ensemble_config is not None
+    contrast = ensemble_config.members_contrast()
     record = {"n": len(losses), "kept": kept, "rule": "lowest validation loss at the kept epoch",
-              "val_loss": [round(float(v), 6) for v in losses]}
+              "val_loss": [round(float(v), 6) for v in losses], "slide_contrast": list(contrast)}
     all_heads = trainer.best_state
     head = trainer.model.keep_member(kept)
     assert head.config is not None
@@ -56,8 +64,9 @@ def choose_init(trainer: Trainer) -> dict[str, Any] | None:
     metrics, _ = trainer.evaluate("val")  # the kept head's own validation figures (every rank takes part)
     if trainer.ctx.is_main:
         _save(trainer, all_heads, record, metrics)
-    log.info("initialisations: kept head %d of %d (validation loss %s)", kept, len(losses),
-             ", ".join(f"{v:.3f}" for v in losses))
+    log.info("initialisations: kept head %d of %d%s (validation loss %s)", kept, len(losses),
+             " (a slide-contrast head)" if contrast[kept] else "",
+             ", ".join(f"{v:.3f}{' (contrast)' if c else ''}" for v, c in zip(losses, contrast)))
     return record
 
 
