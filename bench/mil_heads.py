@@ -14,7 +14,7 @@ lesions on 0.5-1 % of the tissue (four synth seeds, 48-64 slides, 8192 or 12288 
 lesions (3 %), two more subtle cohorts (``holdout05_s4_12k``, ``holdout06_s5``: 0.5 % and 0.6 %) made after
 the trainer's choice of epoch was taken on the others, and one (``holdout05_s6_12k``, 0.5 %) made after the
 choice of initialisation was taken on all of those. Variants (``VARIANTS``): the default (gated ABMIL, five
-initialisations of which two are slide-contrast heads, the one with the lowest validation loss kept), five
+plain and five slide-contrast heads, the one with the lowest validation loss kept), five
 plain heads (the default before ``--slide-contrast auto``), five contrast heads (``--slide-contrast on``),
 five plain heads averaged, one initialisation (the default before ``--inits``), and from one initialisation each: ABMIL with its max-instance term at 0.5 and
 without it (earlier defaults), ABMIL keeping its best validation epoch (``--select best``, the earlier
@@ -85,8 +85,7 @@ COHORTS = {
 
 # Every variant but the defaults trains one initialisation (``model.inits: 1``), as all did before --inits.
 VARIANTS: dict[str, dict[str, Any]] = {
-    # the default: 5 initialisations, 2 of them slide-contrast heads (--slide-contrast auto), the lowest
-    # validation loss kept
+    # the default: 5 plain and 5 slide-contrast heads (--slide-contrast auto), the lowest validation loss kept
     "gated": {"model.mil": "gated"},
     # 5 plain heads: the default before --slide-contrast auto
     "gated_plain": {"model.mil": "gated", "model.slide_contrast": "off"},

@@ -176,9 +176,9 @@ def _member_val_losses(ensemble: EnsembleHead, cohort: Path, run: Path) -> np.nd
 
 
 def test_the_run_keeps_the_initialisation_with_the_lowest_validation_loss(tmp_path: Path) -> None:
-    """``--inits 3``: the kept checkpoint is the one head whose validation loss is lowest (recomputed here from the
-    features), as a plain single head that exports like any other; the kept epoch's weights of all three stay
-    in ``checkpoint_inits``; a resumed, finished run chooses the same head; ``--init-choice average`` keeps all."""
+    """``--inits 3`` (with the default ``--slide-contrast auto``: three plain and three contrast heads): the kept
+    checkpoint is the one head of six whose validation loss is lowest (recomputed here from the features), as a
+    single head that exports like any other; the kept epoch's weights of all six stay in ``checkpoint_inits``; a resumed, finished run chooses the same head; ``--init-choice average`` keeps all."""
     from slidemil.artifacts.checkpoint import load_head, read_checkpoint_meta
     from slidemil.trainer.run import run_training
     from tests.trainer_fixtures import fast_config, make_feature_cohort
@@ -189,11 +189,13 @@ def test_the_run_keeps_the_initialisation_with_the_lowest_validation_loss(tmp_pa
     kept, meta = load_head(result.out / "checkpoint_best")
     every, _ = load_head(result.out / "checkpoint_inits")
     assert not isinstance(kept, EnsembleHead) and meta["head_config"]["ensemble"] == 1
-    assert isinstance(every, EnsembleHead) and len(every.members) == 3
+    assert isinstance(every, EnsembleHead) and len(every.members) == 6
     record = meta["inits"]
     losses = _member_val_losses(every, cohort, result.out)
     assert record["val_loss"] == pytest.approx(losses.tolist(), rel=1e-4)
-    assert record["kept"] == int(losses.argmin()) and len(set(np.round(losses, 4))) == 3  # a real choice
+    assert record["kept"] == int(losses.argmin()) and len(set(np.round(losses, 4))) == 6  # a real choice
+    assert record["slide_contrast"] == [False] * 3 + [True] * 3
+    assert [m.contrast for m in every.members] == record["slide_contrast"]  # type: ignore[attr-defined]
     for key, value in kept.state_dict().items():
         assert torch.equal(value, every.members[record["kept"]].state_dict()[key]), key
     assert "operating_point" in meta  # chosen after, on the kept head

@@ -3,7 +3,7 @@
 What every tile of a slide shares cannot move the prediction; a lesion of a few tiles that stands out from
 its own slide still does, where a head without it learns the slides by what they share. A class that shows
 in every tile (a subtype) gives such a head little to go on: the default (``auto``) trains both kinds and
-keeps the one with the lowest validation loss."""
+keeps the one with the lowest validation loss of five plain and five contrast heads."""
 
 from __future__ import annotations
 
@@ -113,11 +113,11 @@ def test_auto_trains_both_kinds_and_keeps_a_plain_head_when_the_class_is_slide_w
     from tests.trainer_fixtures import fast_config, make_feature_cohort
 
     root = make_feature_cohort(tmp_path / "cohort", n_slides=40, slide_wide=True, shift=0.3)
-    (result,) = run_training(fast_config(root), tmp_path / "run")  # the default: auto, 5 initialisations
+    (result,) = run_training(fast_config(root), tmp_path / "run")  # the default: auto, 5 heads of each kind
     assert result.test_metrics["auc"] >= 0.95 and result.test_metrics["balanced_accuracy"] >= 0.9
     head, meta = load_head(tmp_path / "run" / "checkpoint_best")
     record = meta["inits"]
-    assert record["slide_contrast"] == [False, True, False, True, False]
+    assert record["slide_contrast"] == [False] * 5 + [True] * 5
     assert not record["slide_contrast"][record["kept"]]
     assert isinstance(head, AttentionMIL) and not head.contrast and meta["head_config"]["slide_contrast"] is False
     losses = dict(zip(record["val_loss"], record["slide_contrast"], strict=True))
@@ -139,7 +139,8 @@ def test_a_mixed_ensemble_builds_each_member_as_recorded() -> None:
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
-    ({}, (False, True, False, True, False)),  # the default: auto, 5 initialisations, the validation loss keeps one
+    ({}, (False,) * 5 + (True,) * 5),  # the default: auto, 5 of each kind, the validation loss keeps one
+    ({"model.inits": 2}, (False, False, True, True)),
     ({"model.inits": 1}, (False,)),  # nothing to choose between
     ({"model.init_choice": "average"}, (False,) * 5),  # kept together: no choice
     ({"model.mil": "clam_sb"}, (False,) * 5),
@@ -148,7 +149,7 @@ def test_a_mixed_ensemble_builds_each_member_as_recorded() -> None:
     ({"model.slide_contrast": True, "model.inits": 3}, (True,) * 3),  # YAML 1.1 reads on and off as booleans
     ({"model.slide_contrast": False}, (False,) * 5),
 ])
-def test_auto_resolves_to_both_kinds_only_where_the_validation_loss_chooses(overrides: dict,
+def test_auto_trains_both_kinds_only_where_the_validation_loss_chooses(overrides: dict,
                                                                             expected: tuple[bool, ...]) -> None:
     assert load_config(TrainConfig, None, overrides).model.member_contrast() == expected
 
@@ -164,6 +165,7 @@ def test_configuration() -> None:
     assert HeadConfig.from_dict(head.config.to_dict()).slide_contrast
     older = HeadConfig.from_dict({"mil_type": "gated", "in_dim": D, "ensemble": 2})  # records before both fields
     assert not older.slide_contrast and older.members_contrast() == (False, False)
-    mixed = build_head(load_config(TrainConfig, None, {"model.inits": 3}), D, 2)  # auto
-    assert mixed.config is not None and mixed.config.member_contrast == (False, True, False)
+    mixed = build_head(load_config(TrainConfig, None, {"model.inits": 2}), D, 2)  # auto: 2 of each kind
+    assert mixed.config is not None and mixed.config.member_contrast == (False, False, True, True)
+    assert mixed.config.ensemble == 4
     assert not mixed.config.slide_contrast

@@ -53,14 +53,15 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--n-heads", type=int, help="TransMIL: attention heads (8)")
     m.add_argument("--landmarks", type=int, help="TransMIL: Nystrom landmarks (128)")
     m.add_argument("--pinv-iterations", type=int, help="TransMIL: pseudo-inverse iterations (6)")
-    m.add_argument("--inits", type=int, help="heads trained side by side, each from its own initialisation (5)")
+    m.add_argument("--inits", type=int, help="heads trained side by side, each from its own initialisation; "
+                   "with --slide-contrast auto this many of each kind (5)")
     m.add_argument("--init-choice", choices=choices_of(InitChoice),
                    help="what the run keeps of them: the head with the lowest validation loss, or their average "
                    "(val_loss)")
     m.add_argument("--slide-contrast", nargs="?", const="on", choices=choices_of(SlideContrast),
                    help="ABMIL heads that classify each slide by how its attended tiles differ from its own mean "
-                   "tile: on (alone: on), off, or auto: every second initialisation, the validation loss "
-                   "choosing the kind (auto)")
+                   "tile: on (alone: on), off, or auto: --inits heads of each kind, the validation loss "
+                   "choosing one (auto)")
     m.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                    help="feed raw features (default: standardised with training-set statistics)")
     b = p.add_argument_group("end-to-end backbone")

@@ -92,7 +92,8 @@ class ModelConfig:
             folded into the head's first layer in every checkpoint, so the saved head takes raw
             features).
         inits: heads trained side by side on the same split, each from its own initialisation (each
-            learns exactly as it would alone; :mod:`slidemil.models.ensemble`); 1: one head.
+            learns exactly as it would alone; :mod:`slidemil.models.ensemble`); 1: one head. With
+            ``slide_contrast: auto`` (ABMIL, ``init_choice: val_loss``) this many of each kind.
         init_choice: what the run keeps of them (:mod:`slidemil.trainer.inits`): ``val_loss``, the head
             with the lowest validation loss at the kept epoch (a head that learnt its training slides by
             slide-wide differences instead of the lesion is confidently wrong on some validation slides);
@@ -100,12 +101,12 @@ class ModelConfig:
         slide_contrast: ABMIL only: heads that classify each slide by how its attended tiles differ from
             its own mean tile, so that what all of a slide's tiles share (stain, scanner, patient) cannot carry
             the prediction (:attr:`slidemil.models.mil.HeadConfig.slide_contrast`; README, "Slide contrast").
-            ``on``: every initialisation; ``off``: none; ``auto`` (default): with ``inits`` >= 2 and
-            ``init_choice: val_loss``, every second initialisation (1, 3, ...) is a contrast head and the
-            validation loss chooses between the two kinds, so that a lesion task gets a contrast head when the
-            plain ones learnt the patients, and a task whose class is slide-wide (subtyping, where a contrast
-            head sees nothing) gets a plain one; otherwise (one initialisation, their average, other heads)
-            none. :meth:`member_contrast` resolves it.
+            ``on``: every head; ``off``: none; ``auto`` (default): with ``inits`` >= 2 and
+            ``init_choice: val_loss``, ``inits`` heads of each kind (plain heads first, then as many contrast
+            heads), and the validation loss chooses one head of either kind: a contrast head where the
+            plain ones learnt the patients instead of a small lesion, a plain one where the class is
+            slide-wide (a subtype: a contrast head has little to go on); otherwise (one initialisation,
+            their average, other heads) none. :meth:`member_contrast` resolves it.
     """
 
     mil: MilType = "gated"
@@ -129,13 +130,14 @@ class ModelConfig:
                               f"{self.inits}")
 
     def member_contrast(self) -> tuple[bool, ...]:
-        """Whether each of the ``inits`` heads is a slide-contrast head (resolves ``slide_contrast: auto``)."""
+        """Whether each head trained side by side is a slide-contrast head (resolves ``slide_contrast: auto``):
+        ``inits`` heads, or with ``auto`` ``inits`` of each kind."""
         if self.slide_contrast == "on":
             return (True,) * self.inits
         if (self.slide_contrast == "off" or self.mil not in CONTRAST_HEADS or self.inits < 2
                 or self.init_choice != "val_loss"):
             return (False,) * self.inits
-        return tuple(i % 2 == 1 for i in range(self.inits))
+        return (False,) * self.inits + (True,) * self.inits
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ alone) and after training:
 - ``average``: keeps all of them as one head that averages them (the geometric mean of their
   probabilities).
 
-With ``val_loss`` and ``model.slide_contrast: auto`` (the default for ABMIL) every second head (1, 3, ...) is a
-slide-contrast head (:attr:`slidemil.models.mil.HeadConfig.slide_contrast`), and the same rule chooses between the
-kinds: a contrast head where the plain ones learnt the patients' slide-wide look instead of a small lesion, a
+With ``val_loss`` and ``model.slide_contrast: auto`` (the default for ABMIL) K plain heads and K slide-contrast
+heads (:attr:`slidemil.models.mil.HeadConfig.slide_contrast`) train side by side, and the same rule chooses among
+all 2K: a contrast head where the plain ones learnt the patients' slide-wide look instead of a small lesion, a
 plain head where the class itself is slide-wide (a subtype) and the contrast heads have little to go on.
 
 With ``val_loss`` the chosen head becomes ``checkpoint_best`` (a single head: its ``head_config`` has

@@ -147,7 +147,7 @@ def build_head(cfg: TrainConfig, in_dim: int, n_classes: int) -> MILHead:
     mixed = len(set(contrast)) > 1  # slide_contrast auto: both kinds, one kept on the validation loss
     return create_head(HeadConfig(mil_type=m.mil, in_dim=in_dim, n_classes=n_classes, hidden_dim=m.hidden_dim,
                                   attention_dim=m.attention_dim, dropout=m.dropout, n_heads=m.n_heads,
-                                  landmarks=m.landmarks, pinv_iterations=m.pinv_iterations, ensemble=m.inits,
+                                  landmarks=m.landmarks, pinv_iterations=m.pinv_iterations, ensemble=len(contrast),
                                   slide_contrast=contrast[0] and not mixed, member_contrast=contrast if mixed else ()))
 
 
