@@ -120,8 +120,8 @@ def test_auto_trains_both_kinds_and_keeps_a_plain_head_when_the_class_is_slide_w
     assert record["slide_contrast"] == [False] * 5 + [True] * 5
     assert not record["slide_contrast"][record["kept"]]
     assert isinstance(head, AttentionMIL) and not head.contrast and meta["head_config"]["slide_contrast"] is False
-    losses = dict(zip(record["val_loss"], record["slide_contrast"], strict=True))
-    assert max(v for v, c in losses.items() if not c) < min(v for v, c in losses.items() if c) / 10
+    kinds = list(zip(record["val_loss"], record["slide_contrast"], strict=True))
+    assert max(v for v, c in kinds if not c) < min(v for v, c in kinds if c) / 10
 
 
 def test_a_mixed_ensemble_builds_each_member_as_recorded() -> None:
@@ -131,7 +131,7 @@ def test_a_mixed_ensemble_builds_each_member_as_recorded() -> None:
     assert [m.contrast for m in head.heads()] == [False, True, False]  # type: ignore[attr-defined]
     assert [m.config.slide_contrast for m in head.heads()] == [False, True, False]  # what keep_member saves
     again = HeadConfig.from_dict(cfg.to_dict())
-    assert again == cfg and again.members_contrast() == (False, True, False)
+    assert again == cfg and again.contrast_per_member() == (False, True, False)
     with pytest.raises(ConfigError, match="each of the 3 members"):
         HeadConfig(mil_type="gated", in_dim=D, ensemble=3, member_contrast=(False, True))
     with pytest.raises(ConfigError, match="slide_contrast"):
@@ -151,7 +151,7 @@ def test_a_mixed_ensemble_builds_each_member_as_recorded() -> None:
 ])
 def test_auto_trains_both_kinds_only_where_the_validation_loss_chooses(overrides: dict,
                                                                             expected: tuple[bool, ...]) -> None:
-    assert load_config(TrainConfig, None, overrides).model.member_contrast() == expected
+    assert load_config(TrainConfig, None, overrides).model.contrast_per_head() == expected
 
 
 def test_configuration() -> None:
@@ -164,7 +164,7 @@ def test_configuration() -> None:
     assert isinstance(head, AttentionMIL) and head.contrast and head.config is not None
     assert HeadConfig.from_dict(head.config.to_dict()).slide_contrast
     older = HeadConfig.from_dict({"mil_type": "gated", "in_dim": D, "ensemble": 2})  # records before both fields
-    assert not older.slide_contrast and older.members_contrast() == (False, False)
+    assert not older.slide_contrast and older.contrast_per_member() == (False, False)
     mixed = build_head(load_config(TrainConfig, None, {"model.inits": 2}), D, 2)  # auto: 2 of each kind
     assert mixed.config is not None and mixed.config.member_contrast == (False, False, True, True)
     assert mixed.config.ensemble == 4

@@ -100,7 +100,7 @@ class HeadConfig:
         if self.mil_type == "transmil" and self.hidden_dim % self.n_heads:
             raise ConfigError(f"transmil: hidden_dim {self.hidden_dim} must be a multiple of n_heads {self.n_heads}")
 
-    def members_contrast(self) -> tuple[bool, ...]:
+    def contrast_per_member(self) -> tuple[bool, ...]:
         """Slide contrast of each of the ``ensemble`` heads."""
         return self.member_contrast or (self.slide_contrast,) * self.ensemble
 
@@ -436,6 +436,6 @@ def create_head(cfg: HeadConfig) -> MILHead:
         from slidemil.models.ensemble import EnsembleHead
 
         head = EnsembleHead([create_head(dataclasses.replace(cfg, ensemble=1, member_contrast=(), slide_contrast=c))
-                             for c in cfg.members_contrast()])
+                             for c in cfg.contrast_per_member()])
     head.config = cfg
     return head

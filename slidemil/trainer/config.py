@@ -106,7 +106,7 @@ class ModelConfig:
             heads), and the validation loss chooses one head of either kind: a contrast head where the
             plain ones learnt the patients instead of a small lesion, a plain one where the class is
             slide-wide (a subtype: a contrast head has little to go on); otherwise (one initialisation,
-            their average, other heads) none. :meth:`member_contrast` resolves it.
+            their average, other heads) none. :meth:`contrast_per_head` resolves it.
     """
 
     mil: MilType = "gated"
@@ -129,7 +129,7 @@ class ModelConfig:
             raise ConfigError(f"model.inits must be >= 1 (heads trained from their own initialisations), got "
                               f"{self.inits}")
 
-    def member_contrast(self) -> tuple[bool, ...]:
+    def contrast_per_head(self) -> tuple[bool, ...]:
         """Whether each head trained side by side is a slide-contrast head (resolves ``slide_contrast: auto``):
         ``inits`` heads, or with ``auto`` ``inits`` of each kind."""
         if self.slide_contrast == "on":

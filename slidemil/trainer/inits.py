@@ -46,14 +46,14 @@ def choose_init(trainer: Trainer) -> dict[str, Any] | None:
     if model_cfg.inits < 2 or model_cfg.init_choice == "average":
         return None
     if len(trainer.task.datasets["val"]) == 0:
-        log.warning("%d initialisations but no validation slides to choose one on: the run keeps their average",
-                    model_cfg.inits)
+        log.warning("%d heads but no validation slides to choose one on: the run keeps their average",
+                    len(model_cfg.contrast_per_head()))
         return None
     losses = trainer.member_losses("val")
     kept = int(losses.argmin())
     ensemble_config = trainer.model.mil_head().config
     assert ensemble_config is not None
-    contrast = ensemble_config.members_contrast()
+    contrast = ensemble_config.contrast_per_member()
     record = {"n": len(losses), "kept": kept, "rule": "lowest validation loss at the kept epoch",
               "val_loss": [round(float(v), 6) for v in losses], "slide_contrast": list(contrast)}
     all_heads = trainer.best_state

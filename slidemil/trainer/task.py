@@ -143,7 +143,7 @@ class MILModel(nn.Module):
 def build_head(cfg: TrainConfig, in_dim: int, n_classes: int) -> MILHead:
     """The head the config describes (initialised from the current torch seed)."""
     m = cfg.model
-    contrast = m.member_contrast()
+    contrast = m.contrast_per_head()
     mixed = len(set(contrast)) > 1  # slide_contrast auto: both kinds, one kept on the validation loss
     return create_head(HeadConfig(mil_type=m.mil, in_dim=in_dim, n_classes=n_classes, hidden_dim=m.hidden_dim,
                                   attention_dim=m.attention_dim, dropout=m.dropout, n_heads=m.n_heads,
